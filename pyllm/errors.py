@@ -1,0 +1,27 @@
+"""Errors that reach the user as one clear line (the CLI prints str(err) and exits with err.exit_code)."""
+
+
+class PyllmError(Exception):
+    """Base class: anything pyllm reports to the user without a traceback."""
+
+    exit_code = 1
+
+
+class GGUFError(PyllmError):
+    """The file is missing, not GGUF, truncated or inconsistent."""
+
+    exit_code = 2
+
+
+class UnsupportedError(PyllmError):
+    """A valid file that pyllm cannot run: unknown architecture, quant type, tokenizer."""
+
+    exit_code = 2
+
+
+class ContextError(PyllmError):
+    """The prompt (or conversation) does not fit in the context window."""
+
+
+class TemplateError(PyllmError):
+    """An unsafe or broken chat template."""
