@@ -1,0 +1,211 @@
+"""numba CPU kernels for everything but the quantized matrix products (those live in qmatmul.py).
+
+Few entry points on purpose: each jitted function costs ~0.1 s to load from numba's cache at its first call.
+KV caches hold float32 or float16; numba has no float16 type on the CPU, so float16 is stored as its
+uint16 bit pattern and converted by `kv_load` / `kv_store`, specialised at compile time on the dtype.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+# fastmath without nnan/ninf: attention uses large negative sentinels and max() over scores (DESIGN: known traps)
+FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
+
+
+def kv_load(x):
+    """float32 value of one KV cache element (numba-only: see the overload below)."""
+    raise NotImplementedError
+
+
+def kv_encode(cache, value):
+    """The element to store in `cache` for a float32 value (numba-only: see the overload below)."""
+    raise NotImplementedError
+
+
+@njit
+def _half_to_float(h):
+    """IEEE binary16 bit pattern (uint16) -> float32, including subnormals, inf and NaN."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if exp == 0:
+        # zero or subnormal: mant * 2^-24
+        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
+        return -v if sign else v
+    if exp == 31:
+        bits = sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
+    else:
+        bits = sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+@njit
+def _float_to_half(f):
+    """float32 -> IEEE binary16 bit pattern with round-to-nearest-even (as numpy's astype(float16))."""
+    bits = np.array([f], dtype=np.float32).view(np.uint32)[0]
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    exp = np.int32((bits >> np.uint32(23)) & np.uint32(0xFF)) - 127 + 15
+    mant = bits & np.uint32(0x7FFFFF)
+    if exp >= 31:
+        if ((bits >> np.uint32(23)) & np.uint32(0xFF)) == 255 and mant != 0:
+            return np.uint16(sign | np.uint32(0x7E00))  # NaN
+        return np.uint16(sign | np.uint32(0x7C00))  # overflow -> inf
+    if exp <= 0:
+        if exp < -10:
+            return np.uint16(sign)
+        mant = mant | np.uint32(0x800000)
+        shift = np.uint32(14 - exp)
+        half = mant >> shift
+        rem = mant & ((np.uint32(1) << shift) - np.uint32(1))
+        halfway = np.uint32(1) << (shift - np.uint32(1))
+        if rem > halfway or (rem == halfway and (half & np.uint32(1))):
+            half += np.uint32(1)
+        return np.uint16(sign | half)
+    half = (np.uint32(exp) << np.uint32(10)) | (mant >> np.uint32(13))
+    rem = mant & np.uint32(0x1FFF)
+    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (half & np.uint32(1))):
+        half += np.uint32(1)  # may carry into the exponent, which is the correct rounding
+    return np.uint16(sign | half)
+
+
+@overload(kv_load)
+def _kv_load(x):
+    if x == types.uint16:
+        return lambda x: _half_to_float(x)
+    return lambda x: np.float32(x)
+
+
+@overload(kv_encode)
+def _kv_encode(cache, value):
+    if cache.dtype == types.uint16:
+        return lambda cache, value: _float_to_half(value)
+    return lambda cache, value: np.float32(value)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def rmsnorm(x, weight, eps, out):
+    """out[t] = x[t] / rms(x[t]) * weight.  x, out: [T, n]; weight: [n] (rows of any width n*k normalise per n)."""
+    n = weight.shape[0]
+    rows = x.size // n
+    xf = x.reshape(rows, n)
+    of = out.reshape(rows, n)
+    for r in range(rows):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += xf[r, i] * xf[r, i]
+        scale = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            of[r, i] = xf[r, i] * scale * weight[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def rope(x, pos, n_heads, head_dim, rope_dim, base, pos_scale, freq_factors, neox):
+    """Rotate x in place. x: [T, n_heads * head_dim]; pos: [T] positions (times pos_scale: linear scaling);
+    freq_factors: [rope_dim/2] divisors of each frequency (Llama 3's rope_freqs; ones otherwise).
+
+    neox=False rotates adjacent pairs (x[2i], x[2i+1]) as llama.cpp's NORM mode (llama GGUFs have Q/K permuted
+    for it); neox=True rotates (x[i], x[i + rope_dim/2]) as GPT-NeoX, Qwen2 and Gemma do.
+    """
+    T = x.shape[0]
+    half = rope_dim // 2
+    inv = np.empty(half, dtype=np.float64)
+    for i in range(half):
+        inv[i] = base ** (-2.0 * i / rope_dim) / freq_factors[i]
+    for t in range(T):
+        for i in range(half):
+            theta = pos[t] * pos_scale * inv[i]
+            c = np.float32(math.cos(theta))
+            s = np.float32(math.sin(theta))
+            for h in range(n_heads):
+                o = h * head_dim
+                if neox:
+                    a, b = o + i, o + i + half
+                else:
+                    a, b = o + 2 * i, o + 2 * i + 1
+                x0 = x[t, a]
+                x1 = x[t, b]
+                x[t, a] = x0 * c - x1 * s
+                x[t, b] = x0 * s + x1 * c
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def silu_mul(gate, up):
+    """gate <- silu(gate) * up (SwiGLU).  gate, up: [T, n_ff]."""
+    g = gate.reshape(-1)
+    u = up.reshape(-1)
+    for i in range(g.size):
+        v = g[i]
+        g[i] = v / (np.float32(1.0) + np.exp(-v)) * u[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def gelu_mul(gate, up):
+    """gate <- gelu_tanh(gate) * up (GeGLU, Gemma).  gate, up: [T, n_ff]."""
+    g = gate.reshape(-1)
+    u = up.reshape(-1)
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for i in range(g.size):
+        v = g[i]
+        g[i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v))) * u[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def kv_write(k_cache, v_cache, slot, pos, k, v):
+    """Store new keys/values.  k_cache, v_cache: [n_slots, n_kv_heads, n_ctx, head_dim] (float32 or f16 bits);
+    slot, pos: [T]; k, v: [T, n_kv_heads * head_dim]."""
+    T = k.shape[0]
+    n_kv, hd = k_cache.shape[1], k_cache.shape[3]
+    for t in range(T):
+        for h in range(n_kv):
+            for d in range(hd):
+                k_cache[slot[t], h, pos[t], d] = kv_encode(k_cache, k[t, h * hd + d])
+                v_cache[slot[t], h, pos[t], d] = kv_encode(v_cache, v[t, h * hd + d])
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
+    """Causal attention over the KV cache with grouped-query heads.
+
+    q: [T, n_heads * head_dim]; k_cache, v_cache: [n_slots, n_kv_heads, n_ctx, head_dim]; slot, pos: [T];
+    out: [T, n_heads * head_dim].  Query t sees positions max(0, pos[t] - window + 1) .. pos[t] of its slot
+    (window <= 0: no window).  The cache must already hold the keys/values of every position <= pos[t].
+    """
+    T = q.shape[0]
+    n_kv, hd = k_cache.shape[1], k_cache.shape[3]
+    n_heads = q.shape[1] // hd
+    group = n_heads // n_kv
+    for job in prange(T * n_heads):
+        t = job // n_heads
+        h = job % n_heads
+        kvh = h // group
+        s = slot[t]
+        hi = pos[t] + 1
+        lo = 0 if window <= 0 else max(0, hi - window)
+        n = hi - lo
+        scores = np.empty(n, dtype=np.float32)
+        qo = h * hd
+        m = np.float32(-3.0e38)
+        for j in range(n):
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += q[t, qo + d] * kv_load(k_cache[s, kvh, lo + j, d])
+            acc *= scale
+            scores[j] = acc
+            if acc > m:
+                m = acc
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(scores[j] - m)
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        acc_v = np.zeros(hd, dtype=np.float32)
+        for j in range(n):
+            w = scores[j] * inv
+            for d in range(hd):
+                acc_v[d] += w * kv_load(v_cache[s, kvh, lo + j, d])
+        for d in range(hd):
+            out[t, qo + d] = acc_v[d]

@@ -1,0 +1,118 @@
+"""Model: a loaded GGUF (weights still quantized), its tokenizer, and evaluation over a KV cache."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import ContextError, UnsupportedError
+from .gguf import GGUFFile
+from .kv_cache import KVCache
+from .models import ARCHS
+from .models.transformer import Transformer
+from .tokenizer import Tokenizer
+
+DEFAULT_BATCH = 256  # prefill chunk: tokens per forward call
+
+
+class Model:
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.gguf = GGUFFile(path)
+        meta = self.gguf.metadata
+        arch = self.gguf.architecture
+        if arch not in ARCHS:
+            known = ", ".join(sorted(ARCHS))
+            raise UnsupportedError(f"{self.path}: architecture {arch!r} is not supported (pyllm runs {known})")
+        module = ARCHS[arch]
+        self.config = module.config(meta, self.path)
+        self.tokenizer = Tokenizer.from_metadata(meta)
+        if self.tokenizer.n_vocab != self.config.n_vocab:
+            from .errors import GGUFError
+            raise GGUFError(f"{self.path}: the vocabulary has {self.tokenizer.n_vocab} tokens but the model "
+                            f"expects {self.config.n_vocab}")
+        self.transformer = Transformer(self.gguf, self.config, module.REQUIRED)
+        self.fingerprint = self.gguf.fingerprint()
+
+    @property
+    def metadata(self) -> dict:
+        return self.gguf.metadata
+
+    # --- text <-> tokens -------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # --- evaluation ------------------------------------------------------------------------------------
+    def new_cache(self, n_ctx: int | None = None, n_slots: int = 1, kv_type: str = "f16") -> KVCache:
+        return KVCache(self.config, n_ctx or min(self.config.ctx_train, 4096), n_slots, kv_type)
+
+    def eval(self, cache: KVCache, tokens: list[int], slot: int = 0, all_logits: bool = False,
+             n_batch: int = DEFAULT_BATCH) -> np.ndarray:
+        """Append `tokens` to a cache slot, in chunks of n_batch.  Returns the logits after the last token
+        ([n_vocab]) or after every token ([len(tokens), n_vocab])."""
+        start = len(cache.tokens[slot])
+        if start + len(tokens) > cache.n_ctx:
+            raise ContextError(f"{start + len(tokens)} tokens do not fit in the context of {cache.n_ctx} "
+                               f"(raise --ctx-size, up to the model's {self.config.ctx_train})")
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        pieces = []
+        for i in range(0, len(tokens), n_batch):
+            chunk = np.asarray(tokens[i:i + n_batch], dtype=np.int64)  # [T]
+            T = len(chunk)
+            pos = np.arange(start + i, start + i + T, dtype=np.int64)  # [T]
+            slots = np.full(T, slot, dtype=np.int64)  # [T]
+            last = i + T >= len(tokens)
+            if not all_logits and not last:
+                rows = np.empty(0, dtype=np.int64)
+            else:
+                rows = np.arange(T) if all_logits else np.array([T - 1])
+            logits = self.transformer.forward(chunk, pos, slots, cache, rows)
+            cache.tokens[slot].extend(int(t) for t in chunk)
+            if len(rows):
+                pieces.append(logits)
+        return np.concatenate(pieces) if all_logits else pieces[-1][0]
+
+    def eval_batch(self, cache: KVCache, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """One decoding step for several sequences at once: token i is appended to slot slots[i].
+        Returns logits [len(tokens), n_vocab].  Each weight read serves every sequence."""
+        for s in slots:
+            if len(cache.tokens[s]) >= cache.n_ctx:
+                raise ContextError(f"sequence in slot {s} reached the context size {cache.n_ctx}")
+        tok = np.asarray(tokens, dtype=np.int64)
+        pos = np.array([len(cache.tokens[s]) for s in slots], dtype=np.int64)
+        sl = np.asarray(slots, dtype=np.int64)
+        logits = self.transformer.forward(tok, pos, sl, cache, np.arange(len(tok)))
+        for s, t in zip(slots, tokens):
+            cache.tokens[s].append(int(t))
+        return logits
+
+    def logits(self, tokens: list[int], all_positions: bool = False) -> np.ndarray:
+        """Logits in a fresh context: after the last token ([n_vocab]) or after every token ([T, n_vocab])."""
+        cache = self.new_cache(max(len(tokens), 1))
+        return self.eval(cache, list(tokens), all_logits=all_positions)
+
+    def generate(self, tokens: list[int], max_tokens: int = 256, temperature: float = 0.0, *,
+                 cache: KVCache | None = None, **sampling) -> Iterator[int]:
+        """Yield sampled token ids after the prompt `tokens`, stopping at an end-of-generation token."""
+        from .generate import generate
+        from .sampling import Sampler
+
+        if cache is None:
+            cache = self.new_cache(min(self.config.ctx_train, len(tokens) + max_tokens))
+        sampler = Sampler(temperature=temperature, **sampling)
+        yield from generate(self, cache, list(tokens), sampler, max_tokens=max_tokens)
+
+
+def load(path: str | os.PathLike) -> Model:
+    return Model(path)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    from .gguf import read_metadata
+
+    return Tokenizer.from_metadata(read_metadata(path))

@@ -1,0 +1,80 @@
+"""Samplers: small pure filters over a logits vector, chained in llama.cpp's order by Sampler.
+
+penalties -> top-k -> top-p -> min-p -> temperature -> draw.  temperature <= 0 is greedy (argmax).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+def apply_penalties(logits: np.ndarray, recent: list[int], repeat: float, presence: float,
+                    frequency: float) -> np.ndarray:
+    """llama.cpp's penalties over the recent tokens: repeat divides positive logits (multiplies negative
+    ones); presence subtracts once per distinct token, frequency once per occurrence."""
+    if not recent or (repeat == 1.0 and presence == 0.0 and frequency == 0.0):
+        return logits
+    ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+    out = logits.copy()
+    vals = out[ids]
+    if repeat != 1.0:
+        vals = np.where(vals > 0, vals / repeat, vals * repeat)
+    out[ids] = vals - counts * frequency - presence
+    return out
+
+
+def top_k(ids: np.ndarray, logits: np.ndarray, k: int):
+    """Keep the k largest (ids, logits), sorted descending."""
+    if 0 < k < len(logits):
+        keep = np.argpartition(-logits, k - 1)[:k]
+        ids, logits = ids[keep], logits[keep]
+    order = np.argsort(-logits, kind="stable")
+    return ids[order], logits[order]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def top_p(ids, logits, p: float):
+    """Keep the smallest prefix (of a descending list) whose probability mass reaches p."""
+    if p >= 1.0:
+        return ids, logits
+    cum = np.cumsum(softmax(logits))
+    n = int(np.searchsorted(cum, p)) + 1
+    return ids[:n], logits[:n]
+
+
+def min_p(ids, logits, p: float):
+    """Keep tokens whose probability is at least p times the most likely one's (list sorted descending)."""
+    if p <= 0.0:
+        return ids, logits
+    keep = logits >= logits[0] + np.log(p)
+    return ids[keep], logits[keep]
+
+
+class Sampler:
+    """Picks the next token from logits; `accept(token)` records it for the penalties."""
+
+    def __init__(self, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 penalty_last_n: int = 64, seed: int | None = None):
+        self.temperature, self.k, self.p, self.min_p = temperature, top_k, top_p, min_p
+        self.repeat, self.presence, self.frequency = repeat_penalty, presence_penalty, frequency_penalty
+        self.recent: deque[int] = deque(maxlen=max(penalty_last_n, 0) or None)
+        self.rng = np.random.default_rng(seed)
+
+    def accept(self, token: int) -> None:
+        self.recent.append(int(token))
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = apply_penalties(logits, list(self.recent), self.repeat, self.presence, self.frequency)
+        if self.temperature <= 0.0:
+            return int(np.argmax(logits))
+        ids, vals = top_k(np.arange(len(logits)), logits.astype(np.float64), self.k)
+        ids, vals = top_p(ids, vals, self.p)
+        ids, vals = min_p(ids, vals, self.min_p)
+        probs = softmax(vals / self.temperature)
+        return int(ids[self.rng.choice(len(ids), p=probs)])
