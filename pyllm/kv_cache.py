@@ -13,13 +13,14 @@ class KVCache:
     positions 0..len(tokens[s])-1.  Pages are allocated by the OS on first write, so a large n_ctx costs
     memory only as it fills."""
 
-    def __init__(self, config: ModelConfig, n_ctx: int, n_slots: int = 1, kv_type: str = "f16"):
+    def __init__(self, config: ModelConfig, n_ctx: int, n_slots: int = 1, kv_type: str = "f16", backend=None):
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, not {kv_type!r}")
         self.n_ctx, self.n_slots, self.kv_type = n_ctx, n_slots, kv_type
         shape = (config.n_layers, n_slots, config.n_kv_heads, n_ctx, config.head_dim)
-        self.k = np.zeros(shape, dtype=KV_TYPES[kv_type])
-        self.v = np.zeros(shape, dtype=KV_TYPES[kv_type])
+        zeros = backend.zeros if backend is not None else np.zeros
+        self.k = zeros(shape, KV_TYPES[kv_type])  # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
+        self.v = zeros(shape, KV_TYPES[kv_type])  # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
 
     def trim(self, n: int, slot: int = 0) -> None:

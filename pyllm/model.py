@@ -48,7 +48,8 @@ class Model:
 
     # --- evaluation ------------------------------------------------------------------------------------
     def new_cache(self, n_ctx: int | None = None, n_slots: int = 1, kv_type: str = "f16") -> KVCache:
-        return KVCache(self.config, n_ctx or min(self.config.ctx_train, 4096), n_slots, kv_type)
+        return KVCache(self.config, n_ctx or min(self.config.ctx_train, 4096), n_slots, kv_type,
+                       self.transformer.backend)
 
     def eval(self, cache: KVCache, tokens: list[int], slot: int = 0, all_logits: bool = False,
              n_batch: int = DEFAULT_BATCH) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""numba CPU kernels for everything but the quantized matrix products (those live in qmatmul.py).
+"""The CPU backend: numba kernels, plus the quantized matrix products of qmatmul.py.
+
+kernels/cuda.py offers the same names.  Array helpers at the end (add, scale, empty, ...) are trivial here
+and exist so the forward pass never touches numpy directly and runs unchanged on a device.
 
 Few entry points on purpose: each jitted function costs ~0.1 s to load from numba's cache at its first call.
 KV caches hold float32 or float16; numba has no float16 type on the CPU, so float16 is stored as its
@@ -9,6 +12,8 @@ import math
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+
+from .qmatmul import get_rows, matmul  # noqa: F401  (part of the backend interface)
 
 # fastmath without nnan/ninf: attention uses large negative sentinels and max() over scores (DESIGN: known traps)
 FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
@@ -209,3 +214,41 @@ def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
                 acc_v[d] += w * kv_load(v_cache[s, kvh, lo + j, d])
         for d in range(hd):
             out[t, qo + d] = acc_v[d]
+
+
+# --- array helpers of the backend interface: host numpy arrays on the CPU -------------------------------
+def upload_matrix(w):
+    return w
+
+
+def upload_vector(v):
+    return v
+
+
+def upload_ints(a):
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def empty(shape):
+    return np.empty(shape, dtype=np.float32)
+
+
+def zeros(shape, dtype):
+    return np.zeros(shape, dtype=dtype)
+
+
+def add(x, y):
+    """x += y (y broadcast over rows)."""
+    x += y
+
+
+def scale(x, s):
+    x *= np.float32(s)
+
+
+def take_rows(x, rows):
+    return np.ascontiguousarray(x[rows])
+
+
+def to_numpy(x):
+    return x

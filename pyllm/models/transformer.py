@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import GGUFError
 from ..gguf import GGUFFile
 from ..kernels import cpu
-from ..kernels.qmatmul import dequantize, get_rows, matmul
+from ..kernels.qmatmul import dequantize
 from ..quants import QTensor
 from .config import ModelConfig
 
@@ -36,8 +36,13 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class Transformer:
-    def __init__(self, gf: GGUFFile, config: ModelConfig, required: tuple[str, ...] = ()):
+    """Weights under their GGUF names and the forward pass.  `backend` is a kernel module (kernels.cpu or
+    kernels.cuda) with the same functions; every array operation of the forward pass goes through it, so
+    activations and the KV cache can live on a device."""
+
+    def __init__(self, gf: GGUFFile, config: ModelConfig, required: tuple[str, ...] = (), backend=cpu):
         self.config = c = config
+        self.backend = backend
         self._gf = gf
         self.token_embd = self._matrix("token_embd.weight", (c.n_vocab, c.d_model))
         self.output_norm = self._vector("output_norm.weight", (c.d_model,))
@@ -73,13 +78,13 @@ class Transformer:
     def _matrix(self, name: str, shape: tuple[int, int]) -> QTensor:
         info = self._check_shape(name, shape)
         raw = self._gf.tensor_data(name).reshape(shape[0], -1)  # [rows, row_bytes], zero-copy
-        return QTensor(name, info.qtype, shape, raw)
+        return self.backend.upload_matrix(QTensor(name, info.qtype, shape, raw))
 
     def _vector(self, name: str, shape: tuple[int]) -> np.ndarray:
         """Small 1-D weights (norms, biases) as float32 — the only tensors ever converted at load time."""
         info = self._check_shape(name, shape)
         raw = self._gf.tensor_data(name).reshape(1, -1)
-        return np.ascontiguousarray(dequantize(QTensor(name, info.qtype, (1, shape[0]), raw))[0])
+        return self.backend.upload_vector(np.ascontiguousarray(dequantize(QTensor(name, info.qtype, (1, shape[0]), raw))[0]))
 
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slot: np.ndarray, kv, logit_rows: np.ndarray) -> np.ndarray:
         """Run T tokens through the model, writing their keys/values into `kv`.
@@ -87,45 +92,46 @@ class Transformer:
         tokens, pos, slot: [T] (token t sits at position pos[t] of sequence slot[t]; tokens of one slot in
         order); logit_rows: indices into T whose logits are wanted.  Returns float32 [len(logit_rows), n_vocab].
         """
-        c = self.config
+        c, k_ = self.config, self.backend
         T = len(tokens)
-        x = get_rows(self.token_embd, tokens)  # [T, d_model]
+        tokens, pos, slot = k_.upload_ints(tokens), k_.upload_ints(pos), k_.upload_ints(slot)
+        x = k_.get_rows(self.token_embd, tokens)  # [T, d_model]
         if c.embed_scale != 1.0:
-            x *= np.float32(c.embed_scale)
-        h = np.empty_like(x)  # [T, d_model] normed input of each sub-block
-        attn = np.empty((T, c.q_dim), dtype=np.float32)  # [T, n_heads * head_dim]
+            k_.scale(x, c.embed_scale)
+        h = k_.empty((T, c.d_model))  # [T, d_model] normed input of each sub-block
+        attn = k_.empty((T, c.q_dim))  # [T, n_heads * head_dim]
         eps = np.float32(c.norm_eps)
         for il, L in enumerate(self.layers):
             # attention
-            cpu.rmsnorm(x, L["attn_norm.weight"], eps, h)
-            q = matmul(L["attn_q.weight"], h)  # [T, n_heads * head_dim]
-            k = matmul(L["attn_k.weight"], h)  # [T, n_kv_heads * head_dim]
-            v = matmul(L["attn_v.weight"], h)  # [T, n_kv_heads * head_dim]
+            k_.rmsnorm(x, L["attn_norm.weight"], eps, h)
+            q = k_.matmul(L["attn_q.weight"], h)  # [T, n_heads * head_dim]
+            k = k_.matmul(L["attn_k.weight"], h)  # [T, n_kv_heads * head_dim]
+            v = k_.matmul(L["attn_v.weight"], h)  # [T, n_kv_heads * head_dim]
             if "attn_q.bias" in L:
-                q += L["attn_q.bias"]
-                k += L["attn_k.bias"]
-                v += L["attn_v.bias"]
+                k_.add(q, L["attn_q.bias"])
+                k_.add(k, L["attn_k.bias"])
+                k_.add(v, L["attn_v.bias"])
             if "attn_q_norm.weight" in L:  # per-head RMSNorm of queries and keys (Gemma 3)
-                cpu.rmsnorm(q, L["attn_q_norm.weight"], eps, q)
-                cpu.rmsnorm(k, L["attn_k_norm.weight"], eps, k)
+                k_.rmsnorm(q, L["attn_q_norm.weight"], eps, q)
+                k_.rmsnorm(k, L["attn_k_norm.weight"], eps, k)
             base, scale = c.layer_rope_base[il], c.layer_rope_scale[il]
-            cpu.rope(q, pos, c.n_heads, c.head_dim, c.rope_dim, base, scale, self.rope_factors, c.rope_neox)
-            cpu.rope(k, pos, c.n_kv_heads, c.head_dim, c.rope_dim, base, scale, self.rope_factors, c.rope_neox)
-            cpu.kv_write(kv.k[il], kv.v[il], slot, pos, k, v)
-            cpu.attention(q, kv.k[il], kv.v[il], slot, pos, c.layer_window[il], np.float32(c.attn_scale), attn)
-            o = matmul(L["attn_output.weight"], attn)  # [T, d_model]
+            k_.rope(q, pos, c.n_heads, c.head_dim, c.rope_dim, base, scale, self.rope_factors, c.rope_neox)
+            k_.rope(k, pos, c.n_kv_heads, c.head_dim, c.rope_dim, base, scale, self.rope_factors, c.rope_neox)
+            k_.kv_write(kv.k[il], kv.v[il], slot, pos, k, v)
+            k_.attention(q, kv.k[il], kv.v[il], slot, pos, c.layer_window[il], np.float32(c.attn_scale), attn)
+            o = k_.matmul(L["attn_output.weight"], attn)  # [T, d_model]
             if "post_attention_norm.weight" in L:
-                cpu.rmsnorm(o, L["post_attention_norm.weight"], eps, o)
-            x += o
+                k_.rmsnorm(o, L["post_attention_norm.weight"], eps, o)
+            k_.add(x, o)
             # feed-forward
-            cpu.rmsnorm(x, L["ffn_norm.weight"], eps, h)
-            gate = matmul(L["ffn_gate.weight"], h)  # [T, n_ff]
-            up = matmul(L["ffn_up.weight"], h)  # [T, n_ff]
-            (cpu.gelu_mul if c.activation == "gelu" else cpu.silu_mul)(gate, up)
-            o = matmul(L["ffn_down.weight"], gate)  # [T, d_model]
+            k_.rmsnorm(x, L["ffn_norm.weight"], eps, h)
+            gate = k_.matmul(L["ffn_gate.weight"], h)  # [T, n_ff]
+            up = k_.matmul(L["ffn_up.weight"], h)  # [T, n_ff]
+            (k_.gelu_mul if c.activation == "gelu" else k_.silu_mul)(gate, up)
+            o = k_.matmul(L["ffn_down.weight"], gate)  # [T, d_model]
             if "post_ffw_norm.weight" in L:
-                cpu.rmsnorm(o, L["post_ffw_norm.weight"], eps, o)
-            x += o
-        out = np.ascontiguousarray(x[logit_rows])  # [R, d_model]
-        cpu.rmsnorm(out, self.output_norm, eps, out)
-        return matmul(self.output, out)  # [R, n_vocab]
+                k_.rmsnorm(o, L["post_ffw_norm.weight"], eps, o)
+            k_.add(x, o)
+        out = k_.take_rows(x, logit_rows)  # [R, d_model]
+        k_.rmsnorm(out, self.output_norm, eps, out)
+        return k_.to_numpy(k_.matmul(self.output, out))  # [R, n_vocab]
