@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import ContextError, UnsupportedError
 from .gguf import GGUFFile
+from .kernels import get_backend
 from .kv_cache import KVCache
 from .models import ARCHS
 from .models.transformer import Transformer
@@ -17,7 +18,7 @@ DEFAULT_BATCH = 256  # prefill chunk: tokens per forward call
 
 
 class Model:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
         self.path = str(path)
         self.gguf = GGUFFile(path)
         meta = self.gguf.metadata
@@ -32,7 +33,7 @@ class Model:
             from .errors import GGUFError
             raise GGUFError(f"{self.path}: the vocabulary has {self.tokenizer.n_vocab} tokens but the model "
                             f"expects {self.config.n_vocab}")
-        self.transformer = Transformer(self.gguf, self.config, module.REQUIRED)
+        self.transformer = Transformer(self.gguf, self.config, module.REQUIRED, get_backend(device))
         self.fingerprint = self.gguf.fingerprint()
 
     @property
@@ -109,8 +110,8 @@ class Model:
         yield from generate(self, cache, list(tokens), sampler, max_tokens=max_tokens)
 
 
-def load(path: str | os.PathLike) -> Model:
-    return Model(path)
+def load(path: str | os.PathLike, device: str = "auto") -> Model:
+    return Model(path, device)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

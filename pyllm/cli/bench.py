@@ -1,0 +1,121 @@
+"""`pyllm bench` (prompt processing and generation speed, like llama-bench) and `pyllm perplexity`."""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from . import app
+from .common import CtxSize, Device, KvType, ModelArg, Threads, err, load_model, set_threads
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def bench_model(m, pp: list[int], tg: list[int], reps: int, kv_type: str) -> list[dict]:
+    """Median and spread of tokens/s for each test, llama-bench style: ppN evaluates N prompt tokens in a fresh
+    context; tgN generates N tokens one at a time from an empty context."""
+    rng = np.random.default_rng(0)
+    results = []
+    tests = [("pp", n) for n in pp] + [("tg", n) for n in tg]
+    for kind, n in tests:
+        speeds = []
+        for rep in range(reps + 1):  # the first repetition warms up (kernels loaded, pages touched)
+            cache = m.new_cache(max(n + 1, 16), kv_type=kv_type)
+            ids = rng.integers(0, m.config.n_vocab, size=n).tolist()
+            if kind == "pp":
+                t0 = time.perf_counter()
+                m.eval(cache, ids)
+            else:
+                t0 = time.perf_counter()
+                for t in ids:
+                    m.eval(cache, [t])
+            dt = time.perf_counter() - t0
+            if rep:
+                speeds.append(n / dt)
+        results.append({"test": f"{kind}{n}", "tokens_per_s": statistics.median(speeds),
+                        "stdev": statistics.stdev(speeds) if len(speeds) > 1 else 0.0, "reps": reps})
+    return results
+
+
+@app.command()
+def bench(
+    model: ModelArg = None,
+    n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="prompt sizes, comma-separated")] = "512",
+    n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="generation lengths, comma-separated")] = "64",
+    reps: Annotated[int, typer.Option("--repetitions", "-r", help="repetitions of each test")] = 3,
+    output: Annotated[str, typer.Option("--output", "-o", help="md or json")] = "md",
+    kv_type: KvType = "f16",
+    threads: Threads = None,
+    device: Device = "auto",
+):
+    """Measure prompt processing (pp) and generation (tg) tokens/s, load time, time to first token, peak RSS."""
+    import numba
+
+    set_threads(threads)
+    t0 = time.perf_counter()
+    m = load_model(model, False, device)
+    load_s = time.perf_counter() - t0
+    # time to first token for a short prompt, kernels cold in this process (warm numba cache on disk)
+    t0 = time.perf_counter()
+    cache = m.new_cache(64, kv_type=kv_type)
+    m.eval(cache, m.tokenize("Hello, my name is", add_special=True))
+    ttft = time.perf_counter() - t0
+    results = bench_model(m, _ints(n_prompt), _ints(n_gen), max(1, reps), kv_type)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = {"model": Path(m.path).name, "arch": m.config.arch, "size_mb": round(m.gguf.file_size / 2**20, 1),
+            "threads": numba.get_num_threads(), "kv_type": kv_type, "load_s": round(load_s, 3),
+            "first_token_s": round(ttft, 3), "peak_rss_mb": round(rss_mb, 1), "results": results}
+    if output == "json":
+        print(json.dumps(info, indent=2))
+        return
+    print(f"| model | size | threads | test | t/s |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {info['model']} | {info['size_mb']} MiB | {info['threads']} | {r['test']} | "
+              f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f} |")
+    print(f"\nload {load_s:.2f} s, first token {ttft:.2f} s (short prompt, kernels loaded from cache), "
+          f"peak RSS {rss_mb:.0f} MB")
+
+
+@app.command()
+def perplexity(
+    model: ModelArg = None,
+    file: Annotated[Path, typer.Option("--file", "-f", help="text file to score")] = ...,
+    ctx_size: CtxSize = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", help="score at most this many chunks")] = None,
+    threads: Threads = None,
+    device: Device = "auto",
+):
+    """Perplexity of a text, computed as llama.cpp's llama-perplexity does (second half of each chunk)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..errors import PyllmError
+    from ..perplexity import perplexity as compute
+
+    set_threads(threads)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PyllmError(f"{file}: cannot read: {e}") from None
+    m = load_model(model, False, device)
+    with Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
+                  TextColumn("{task.fields[ppl]}"), TimeRemainingColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task("ppl", total=None, ppl="")
+
+        def progress(done, total, ppl):
+            bar.update(task, completed=done, total=total, ppl=f"ppl {ppl:.4f}")
+
+        ppl, n = compute(m, text, ctx_size or 512, chunks, progress)
+    print(f"perplexity: {ppl:.4f} ({n} tokens scored, ctx {ctx_size})")

@@ -1,0 +1,97 @@
+"""`pyllm run`: one prompt in, streamed text out."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from . import app
+from .common import CtxSize, Device, KvType, ModelArg, Threads, Verbose, err, load_model, read_prompt, set_threads
+
+
+def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed):
+    from ..sampling import Sampler
+
+    return Sampler(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
+
+
+def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> list[int]:
+    """The prompt's token ids: through the model's chat template unless raw (or the model has none)."""
+    from ..chat_template import ChatTemplate
+    from ..errors import TemplateError
+
+    if not raw:
+        try:
+            template = ChatTemplate.for_model(model.metadata)
+        except TemplateError:
+            template = None  # a base model: the text goes in as is
+        if template is not None:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": text}]
+            rendered = template.render(messages, add_generation_prompt=True)
+            return model.tokenize(rendered, add_special=not template.renders_bos(), parse_special=True)
+    return model.tokenize(text, add_special=True, parse_special=True)
+
+
+@app.command()
+def run(
+    model: ModelArg = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="prompt text, or - for stdin")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="read the prompt from a file")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate (-1: until the "
+                                            "model stops or the context is full)")] = -1,
+    temp: Annotated[float, typer.Option("--temp", help="temperature (0: greedy)")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: all)")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling mass")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", help="drop tokens below min-p x the top probability")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="penalise the last 64 tokens "
+                                                  "(1.0: off)")] = 1.0,
+    presence_penalty: Annotated[float, typer.Option("--presence-penalty")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="random seed: same seed, same text")] = None,
+    stop: Annotated[Optional[List[str]], typer.Option("--stop", help="stop at this text (repeatable)")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="system prompt (chat template only)")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="send the prompt as is, without the chat template")] = False,
+    ctx_size: CtxSize = None,
+    kv_type: KvType = "f16",
+    threads: Threads = None,
+    device: Device = "auto",
+    verbose: Verbose = False,
+):
+    """Generate text for one prompt, streamed to stdout as it is produced."""
+    from ..generate import Stats, generate, stream_text
+
+    set_threads(threads)
+    text = read_prompt(prompt, file)
+    if not text.strip():
+        from ..errors import PyllmError
+
+        raise PyllmError("the prompt is empty")
+    m = load_model(model, verbose, device)
+    ids = prompt_tokens(m, text, raw, system)
+    n_ctx = ctx_size or min(m.config.ctx_train, 4096)
+    cache = m.new_cache(n_ctx, kv_type=kv_type)
+    limit = n_ctx - len(ids) if max_tokens < 0 else max_tokens
+    sampler = sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                                   frequency_penalty, seed)
+    stats = Stats()
+    tokens = generate(m, cache, ids, sampler, max_tokens=max(limit, 0), stats=stats)
+    out = sys.stdout
+    interrupted = False
+    try:
+        for piece in stream_text(m.tokenizer, tokens, stop or []):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    if out.isatty():
+        out.write("\n")
+    out.flush()
+    if verbose or err.is_terminal:
+        err.print(f"[dim]prompt: {stats.n_prefill} tokens, {stats.prefill_tps():.1f} tok/s | generated: "
+                  f"{stats.n_generated} tokens, {stats.generate_tps():.1f} tok/s[/dim]")
+    if interrupted:
+        raise typer.Exit(130)
