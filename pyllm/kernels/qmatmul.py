@@ -1,0 +1,591 @@
+"""Quantized matrix products: the hot path of the whole tool.
+
+matmul(w, x) = x @ W.T with W still in its GGUF encoding, two ways:
+- small T (decode): x is quantized to int8 blocks of 32 (one float scale each, plus int sums per 16) and every
+  weight block is dotted with integer SIMD (vpdpbusd on AVX-512 VNNI), as llama.cpp does. Memory-bound: each
+  weight byte is read once, and a row stays in L1 while it meets all T activations.
+- large T (prefill): each thread dequantizes a group of rows to a small float32 tile and multiplies it with all
+  T activations in a register-blocked float loop. Compute-bound; measured faster than numpy/OpenBLAS here.
+
+numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
+after unrolling the 16-32 wide inner loop, vectorizes across blocks with byte gathers), so the block dots are
+written as LLVM vector IR through numba intrinsics: generic IR that LLVM lowers to the host's best
+instructions. Three jitted entry points serve every type, dispatching on qtype inside numba, so a model pays
+the cache load (~0.1-0.2 s each) once, not per type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..errors import UnsupportedError
+from ..quants import SUPPORTED, QTensor, type_name
+
+# qtype ids (gguf.GGMLQuantizationType), as plain ints for numba
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
+_FLOAT_TYPES = (F32, F16, BF16)
+
+# Below this many activation rows the int8 kernel wins; at and above it, float tiles (bench/bench_qmatmul.py).
+PREFILL_MIN_T = 8
+
+# fastmath without nnan/ninf: a NaN or inf in the activations must come out, not be optimized away.
+_FM = {"contract", "reassoc", "arcp", "afn", "nsz"}
+
+_TILE_ROWS = 16  # rows dequantized per float tile (a multiple of 4, the register block)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIMD building blocks: LLVM vector IR emitted through numba intrinsics. `w`/`x` are 1-D uint8/int8 arrays,
+# offsets are byte (= element) offsets into them.
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _load(context, builder, aryty, ary, off, n):
+    """Unaligned load of n bytes at ary[off] as <n x i8>."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    ptr = builder.bitcast(builder.gep(data, [off]), _vec(_i8, n).as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _splat(v, n):
+    return ir.Constant(_vec(v.type if isinstance(v, ir.Constant) else _i8, n), [v] * n)
+
+
+def _reduce_add(builder, v):
+    fnty = ir.FunctionType(v.type.element, [v.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{v.type.count}i32")
+    return builder.call(fn, [v])
+
+
+def _udot(builder, q, xv):
+    """<n x i32> products of unsigned bytes q and signed bytes xv (the vpdpbusd pattern)."""
+    v = _vec(_i32, q.type.count)
+    return builder.mul(builder.zext(q, v), builder.sext(xv, v), flags=["nsw"])
+
+
+def _bcast_i8(builder, val, n):
+    """Splat a runtime integer (any width) into <n x i8>."""
+    b = builder.trunc(val, _i8)
+    v = builder.insert_element(ir.Constant(_vec(_i8, n), None), b, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), [0] * n))
+
+
+def _halves(builder, v):
+    n = v.type.count // 2
+    lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), list(range(n))))
+    hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), list(range(n, 2 * n))))
+    return lo, hi
+
+
+@intrinsic
+def _f16(typingctx, a, off):
+    """float32 from the little-endian fp16 at a[off] (F16C vcvtph2ps; numba has no float16)."""
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.HalfType().as_pointer())
+        return builder.fpext(builder.load(ptr, align=1), ir.FloatType())
+
+    return types.float32(a, off), codegen
+
+
+@intrinsic
+def _bf16(typingctx, a, off):
+    """float32 from the bfloat16 at a[off]: its bits are the top half of a float32."""
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), _i16.as_pointer())
+        bits = builder.shl(builder.zext(builder.load(ptr, align=1), _i32), ir.Constant(_i32, 16))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(a, off), codegen
+
+
+@intrinsic
+def _f32(typingctx, a, off):
+    """float32 stored at a[off] (unaligned)."""
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.FloatType().as_pointer())
+        return builder.load(ptr, align=1)
+
+    return types.float32(a, off), codegen
+
+
+@intrinsic
+def _dot_q8(typingctx, w, woff, x, xoff):
+    """sum_j int8 w[woff+j] * x[xoff+j] over 32 values."""
+
+    def codegen(context, builder, sig, args):
+        w, woff, x, xoff = args
+        wv = _load(context, builder, sig.args[0], w, woff, 32)
+        xv = _load(context, builder, sig.args[2], x, xoff, 32)
+        v = _vec(_i32, 32)
+        return _reduce_add(builder, builder.mul(builder.sext(wv, v), builder.sext(xv, v), flags=["nsw"]))
+
+    return types.int32(w, woff, x, xoff), codegen
+
+
+@intrinsic
+def _dot_q4(typingctx, w, woff, x, xoff):
+    """Q4_0/Q4_1 block: 16 bytes hold 32 unsigned nibbles, low nibbles are values 0-15, high ones 16-31."""
+
+    def codegen(context, builder, sig, args):
+        w, woff, x, xoff = args
+        b = _load(context, builder, sig.args[0], w, woff, 16)
+        lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 16))
+        hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 16))
+        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
+        xv = _load(context, builder, sig.args[2], x, xoff, 32)
+        return _reduce_add(builder, _udot(builder, q, xv))
+
+    return types.int32(w, woff, x, xoff), codegen
+
+
+@intrinsic
+def _dot_q5(typingctx, w, qhoff, qsoff, x, xoff):
+    """Q5_0/Q5_1 block: 32 nibbles as in Q4, bit j of the 32-bit word at qhoff is bit 4 of value j."""
+
+    def codegen(context, builder, sig, args):
+        w, qhoff, qsoff, x, xoff = args
+        b = _load(context, builder, sig.args[0], w, qsoff, 16)
+        lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 16))
+        hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 16))
+        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
+        qh = builder.bitcast(_load(context, builder, sig.args[0], w, qhoff, 4), ir.IntType(32))
+        bits = builder.zext(builder.bitcast(qh, _vec(ir.IntType(1), 32)), _vec(_i8, 32))  # vpmovm2b
+        q = builder.or_(q, builder.shl(bits, _splat(ir.Constant(_i8, 4), 32)))
+        xv = _load(context, builder, sig.args[3], x, xoff, 32)
+        return _reduce_add(builder, _udot(builder, q, xv))
+
+    return types.int32(w, qhoff, qsoff, x, xoff), codegen
+
+
+@intrinsic
+def _dot_k(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff):
+    """K-quant chunk of 32 values, value j = ((w[off+j] >> shift) & mask) | (((w[hoff+j] >> hshift) & hmask) << hpos),
+    unsigned; returns the dots with x[xoff:] of values 0-15 and 16-31 (K-quants scale per 16 or 32)."""
+
+    def codegen(context, builder, sig, args):
+        w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff = args
+        wty = sig.args[0]
+        q = builder.and_(
+            builder.lshr(_load(context, builder, wty, w, off, 32), _bcast_i8(builder, shift, 32)),
+            _bcast_i8(builder, mask, 32),
+        )
+        h = builder.and_(
+            builder.lshr(_load(context, builder, wty, w, hoff, 32), _bcast_i8(builder, hshift, 32)),
+            _bcast_i8(builder, hmask, 32),
+        )
+        q = builder.or_(q, builder.shl(h, _bcast_i8(builder, hpos, 32)))
+        xv = _load(context, builder, sig.args[8], x, xoff, 32)
+        lo, hi = _halves(builder, _udot(builder, q, xv))
+        pair = types.UniTuple(types.int32, 2)
+        return context.make_tuple(builder, pair, [_reduce_add(builder, lo), _reduce_add(builder, hi)])
+
+    return types.UniTuple(types.int32, 2)(w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation quantization: x row -> int8 blocks of 32 with a float scale, plus int sums per 16 values
+# (for the offsets and minimums of the weight formats).
+
+
+@njit(fastmath=_FM, cache=True)
+def _quantize_act(x, xq, xd, xs):
+    # x f32 [T, n]; xq i8 [T, n]; xd f32 [T, n/32]; xs i32 [T, n/16]
+    T, n = x.shape
+    for t in range(T):
+        for b in range(n // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[t, b * 32 + j]))
+            xd[t, b] = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            for h in range(2):
+                s = 0
+                for j in range(b * 32 + h * 16, b * 32 + h * 16 + 16):
+                    q = np.int32(np.rint(x[t, j] * inv))
+                    xq[t, j] = q
+                    s += q
+                xs[t, 2 * b + h] = s
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row dot products: one weight row (uint8 [row_bytes]) against one quantized activation row.
+# Offsets of each field inside a block follow ggml-common.h.
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q8_0(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    for b in range(w.shape[0] // 34):
+        o = b * 34
+        acc += (_f16(w, o) * xd[b]) * np.float32(_dot_q8(w, o + 2, xq, b * 32))
+    return acc
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q4_0(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    for b in range(w.shape[0] // 18):
+        o = b * 18
+        isum = _dot_q4(w, o + 2, xq, b * 32) - 8 * (xs[2 * b] + xs[2 * b + 1])  # values are nibble - 8
+        acc += (_f16(w, o) * xd[b]) * np.float32(isum)
+    return acc
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q4_1(w, xq, xd, xs):
+    # two accumulators: one chained sum per block halves the float latency chain (measured 1.3x faster)
+    acc = np.float32(0.0)
+    accm = np.float32(0.0)
+    for b in range(w.shape[0] // 20):
+        o = b * 20
+        acc += (_f16(w, o) * xd[b]) * np.float32(_dot_q4(w, o + 4, xq, b * 32))
+        accm += (_f16(w, o + 2) * xd[b]) * np.float32(xs[2 * b] + xs[2 * b + 1])
+    return acc + accm
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q5_0(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    for b in range(w.shape[0] // 22):
+        o = b * 22
+        isum = _dot_q5(w, o + 2, o + 6, xq, b * 32) - 16 * (xs[2 * b] + xs[2 * b + 1])  # values are q5 - 16
+        acc += (_f16(w, o) * xd[b]) * np.float32(isum)
+    return acc
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q5_1(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    accm = np.float32(0.0)
+    for b in range(w.shape[0] // 24):
+        o = b * 24
+        acc += (_f16(w, o) * xd[b]) * np.float32(_dot_q5(w, o + 4, o + 8, xq, b * 32))
+        accm += (_f16(w, o + 2) * xd[b]) * np.float32(xs[2 * b] + xs[2 * b + 1])
+    return acc + accm
+
+
+@njit(cache=True)
+def _scale_min_k4(w, o, j):
+    """6-bit scale and min of sub-block j (0-7) of a Q4_K/Q5_K block whose 12 scale bytes start at w[o]."""
+    if j < 4:
+        return np.int32(w[o + j] & 63), np.int32(w[o + j + 4] & 63)
+    sc = (w[o + j + 4] & 15) | ((w[o + j - 4] >> 6) << 4)
+    m = (w[o + j + 4] >> 4) | ((w[o + j] >> 6) << 4)
+    return np.int32(sc), np.int32(m)
+
+
+@njit(cache=True)
+def _scale_q3_k(w, o, i):
+    """Signed 6-bit scale i (0-15) of a Q3_K block whose 12 scale bytes start at w[o]."""
+    lo = (w[o + i % 8] >> (4 * (i // 8))) & 15
+    hi = (w[o + 8 + i % 4] >> (2 * (i // 4))) & 3
+    return np.int32(lo | (hi << 4)) - 32
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q2_k(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    accm = np.float32(0.0)
+    for b in range(w.shape[0] // 84):
+        o = b * 84
+        d = _f16(w, o + 80)
+        dmin = _f16(w, o + 82)
+        for c in range(8):  # chunks of 32 values, two 16-value sub-blocks each
+            k = b * 8 + c
+            lo, hi = _dot_k(w, o + 16 + 32 * (c // 4), 2 * (c % 4), 3, o, 0, 0, 0, xq, k * 32)
+            sa = np.int32(w[o + 2 * c])
+            sb = np.int32(w[o + 2 * c + 1])
+            acc += (d * xd[k]) * np.float32((sa & 15) * lo + (sb & 15) * hi)
+            accm += (dmin * xd[k]) * np.float32((sa >> 4) * xs[2 * k] + (sb >> 4) * xs[2 * k + 1])
+    return acc - accm
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q3_k(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    for b in range(w.shape[0] // 110):
+        o = b * 110
+        d = _f16(w, o + 108)
+        for c in range(8):
+            k = b * 8 + c
+            n, j = c // 4, c % 4
+            # value = 2 low bits | high bit << 2, minus 4
+            lo, hi = _dot_k(w, o + 32 + 32 * n, 2 * j, 3, o, 4 * n + j, 1, 2, xq, k * 32)
+            isum = _scale_q3_k(w, o + 96, 2 * c) * (lo - 4 * xs[2 * k])
+            isum += _scale_q3_k(w, o + 96, 2 * c + 1) * (hi - 4 * xs[2 * k + 1])
+            acc += (d * xd[k]) * np.float32(isum)
+    return acc
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q4_k(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    accm = np.float32(0.0)
+    for b in range(w.shape[0] // 144):
+        o = b * 144
+        d = _f16(w, o)
+        dmin = _f16(w, o + 2)
+        for c in range(8):
+            k = b * 8 + c
+            sc, m = _scale_min_k4(w, o + 4, c)
+            lo, hi = _dot_k(w, o + 16 + 32 * (c // 2), 4 * (c % 2), 15, o, 0, 0, 0, xq, k * 32)
+            acc += (d * xd[k]) * np.float32(sc * (lo + hi))
+            accm += (dmin * xd[k]) * np.float32(m * (xs[2 * k] + xs[2 * k + 1]))
+    return acc - accm
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q5_k(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    accm = np.float32(0.0)
+    for b in range(w.shape[0] // 176):
+        o = b * 176
+        d = _f16(w, o)
+        dmin = _f16(w, o + 2)
+        for c in range(8):
+            k = b * 8 + c
+            sc, m = _scale_min_k4(w, o + 4, c)
+            lo, hi = _dot_k(w, o + 48 + 32 * (c // 2), 4 * (c % 2), 15, o + 16, c, 1, 4, xq, k * 32)
+            acc += (d * xd[k]) * np.float32(sc * (lo + hi))
+            accm += (dmin * xd[k]) * np.float32(m * (xs[2 * k] + xs[2 * k + 1]))
+    return acc - accm
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q6_k(w, xq, xd, xs):
+    acc = np.float32(0.0)
+    for b in range(w.shape[0] // 210):
+        o = b * 210
+        d = _f16(w, o + 208)
+        for c in range(8):
+            k = b * 8 + c
+            n, j = c // 4, c % 4
+            # value = 4 low bits | 2 high bits << 4, minus 32
+            lo, hi = _dot_k(w, o + 64 * n + 32 * (j % 2), 4 * (j // 2), 15, o + 128 + 32 * n, 2 * j, 3, 4, xq, k * 32)
+            sa = np.int32(np.int8(w[o + 192 + 8 * n + 2 * j]))
+            sb = np.int32(np.int8(w[o + 193 + 8 * n + 2 * j]))
+            isum = sa * (lo - 32 * xs[2 * k]) + sb * (hi - 32 * xs[2 * k + 1])
+            acc += (d * xd[k]) * np.float32(isum)
+    return acc
+
+
+@njit(fastmath=_FM, cache=True)
+def _vec_dot(qtype, w, xq, xd, xs):
+    if qtype == Q4_1:
+        return _vd_q4_1(w, xq, xd, xs)
+    if qtype == Q8_0:
+        return _vd_q8_0(w, xq, xd, xs)
+    if qtype == Q5_0:
+        return _vd_q5_0(w, xq, xd, xs)
+    if qtype == Q4_K:
+        return _vd_q4_k(w, xq, xd, xs)
+    if qtype == Q6_K:
+        return _vd_q6_k(w, xq, xd, xs)
+    if qtype == Q4_0:
+        return _vd_q4_0(w, xq, xd, xs)
+    if qtype == Q5_1:
+        return _vd_q5_1(w, xq, xd, xs)
+    if qtype == Q5_K:
+        return _vd_q5_k(w, xq, xd, xs)
+    if qtype == Q3_K:
+        return _vd_q3_k(w, xq, xd, xs)
+    return _vd_q2_k(w, xq, xd, xs)
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _matmul_q8(qtype, w, x, out):
+    # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
+    T, n = x.shape
+    xq = np.empty((T, n), np.int8)
+    xd = np.empty((T, n // 32), np.float32)
+    xs = np.empty((T, n // 16), np.int32)
+    _quantize_act(x, xq, xd, xs)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for t in range(T):
+            out[t, r] = _vec_dot(qtype, row, xq[t], xd[t], xs[t])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dequantization of one row into float32: for get_rows, dequantize and the prefill tiles.
+
+
+@njit(fastmath=_FM, cache=True)
+def _dequant_row(qtype, w, y):
+    # w u8 [row_bytes]; y f32 [n_in]
+    n = y.shape[0]
+    if qtype == F32:
+        for i in range(n):
+            y[i] = _f32(w, 4 * i)
+    elif qtype == F16:
+        for i in range(n):
+            y[i] = _f16(w, 2 * i)
+    elif qtype == BF16:
+        for i in range(n):
+            y[i] = _bf16(w, 2 * i)
+    elif qtype == Q8_0:
+        for b in range(n // 32):
+            d = _f16(w, b * 34)
+            for j in range(32):
+                y[b * 32 + j] = d * np.float32(np.int8(w[b * 34 + 2 + j]))
+    elif qtype == Q4_0 or qtype == Q4_1:
+        bs = 18 if qtype == Q4_0 else 20
+        for b in range(n // 32):
+            o = b * bs
+            d = _f16(w, o)
+            m = _f16(w, o + 2) if qtype == Q4_1 else np.float32(-8.0) * d
+            for j in range(16):
+                q = w[o + bs - 16 + j]
+                y[b * 32 + j] = d * np.float32(q & 15) + m
+                y[b * 32 + 16 + j] = d * np.float32(q >> 4) + m
+    elif qtype == Q5_0 or qtype == Q5_1:
+        bs = 22 if qtype == Q5_0 else 24
+        for b in range(n // 32):
+            o = b * bs
+            d = _f16(w, o)
+            m = _f16(w, o + 2) if qtype == Q5_1 else np.float32(-16.0) * d
+            qh = np.uint32(0)
+            for i in range(4):
+                qh |= np.uint32(w[o + bs - 20 + i]) << (8 * i)
+            for j in range(16):
+                q = w[o + bs - 16 + j]
+                lo = (q & 15) | (((qh >> j) & 1) << 4)
+                hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                y[b * 32 + j] = d * np.float32(lo) + m
+                y[b * 32 + 16 + j] = d * np.float32(hi) + m
+    else:
+        _dequant_row_k(qtype, w, y)
+
+
+@njit(fastmath=_FM, cache=True)
+def _dequant_row_k(qtype, w, y):
+    # K-quants: blocks of 256 as 8 chunks of 32 values, the same chunk order as the _vd_* functions
+    for b in range(y.shape[0] // 256):
+        for c in range(8):
+            n, j = c // 4, c % 4
+            for l in range(32):
+                i = b * 256 + c * 32 + l
+                if qtype == Q2_K:
+                    o = b * 84
+                    sc = w[o + 2 * c + l // 16]
+                    q = (w[o + 16 + 32 * n + l] >> (2 * j)) & 3
+                    y[i] = _f16(w, o + 80) * np.float32(sc & 15) * np.float32(q) - _f16(w, o + 82) * np.float32(sc >> 4)
+                elif qtype == Q3_K:
+                    o = b * 110
+                    q = np.int32((w[o + 32 + 32 * n + l] >> (2 * j)) & 3) | (((w[o + l] >> (4 * n + j)) & 1) << 2)
+                    y[i] = _f16(w, o + 108) * np.float32(_scale_q3_k(w, o + 96, 2 * c + l // 16) * (q - 4))
+                elif qtype == Q4_K or qtype == Q5_K:
+                    o = b * 144 if qtype == Q4_K else b * 176
+                    sc, m = _scale_min_k4(w, o + 4, c)
+                    if qtype == Q4_K:
+                        q = np.int32(w[o + 16 + 32 * (c // 2) + l] >> (4 * (c % 2))) & 15
+                    else:
+                        q = (np.int32(w[o + 48 + 32 * (c // 2) + l] >> (4 * (c % 2))) & 15) | (((w[o + 16 + l] >> c) & 1) << 4)
+                    y[i] = _f16(w, o) * np.float32(sc * q) - _f16(w, o + 2) * np.float32(m)
+                else:  # Q6_K
+                    o = b * 210
+                    ql = np.int32(w[o + 64 * n + 32 * (j % 2) + l] >> (4 * (j // 2))) & 15
+                    qh = np.int32(w[o + 128 + 32 * n + l] >> (2 * j)) & 3
+                    sc = np.int32(np.int8(w[o + 192 + 8 * n + 2 * j + l // 16]))
+                    y[i] = _f16(w, o + 208) * np.float32(sc * ((ql | (qh << 4)) - 32))
+
+
+@njit(parallel=True, cache=True)
+def _dequant_rows(qtype, w, ids, out):
+    # w u8 [n_rows, row_bytes]; ids int [N]; out f32 [N, n_in]
+    for i in prange(ids.shape[0]):
+        _dequant_row(qtype, w[ids[i]], out[i])
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _matmul_f32(qtype, w, x, out):
+    # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
+    T, n = x.shape
+    R = w.shape[0]
+    for g in prange((R + _TILE_ROWS - 1) // _TILE_ROWS):
+        r0 = g * _TILE_ROWS
+        nr = min(_TILE_ROWS, R - r0)
+        tile = np.zeros((_TILE_ROWS, n), np.float32)  # rows past nr stay zero: no tail loop below
+        for i in range(nr):
+            _dequant_row(qtype, w[r0 + i], tile[i])
+        for i in range(0, nr, 4):
+            # 4 rows x 2 tokens per pass: each loaded value feeds 2-4 FMAs instead of 1
+            w0, w1, w2, w3 = tile[i], tile[i + 1], tile[i + 2], tile[i + 3]
+            for t in range(0, T, 2):
+                xa = x[t]
+                xb = x[min(t + 1, T - 1)]
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                for j in range(n):
+                    u = xa[j]
+                    v = xb[j]
+                    a0 += u * w0[j]
+                    a1 += u * w1[j]
+                    a2 += u * w2[j]
+                    a3 += u * w3[j]
+                    b0 += v * w0[j]
+                    b1 += v * w1[j]
+                    b2 += v * w2[j]
+                    b3 += v * w3[j]
+                acc = ((a0, b0), (a1, b1), (a2, b2), (a3, b3))
+                for k in range(min(4, nr - i)):
+                    out[t, r0 + i + k] = acc[k][0]
+                    if t + 1 < T:
+                        out[t + 1, r0 + i + k] = acc[k][1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check(w: QTensor) -> np.ndarray:
+    if w.qtype not in SUPPORTED:
+        raise UnsupportedError(f"tensor '{w.name}' has type {type_name(w.qtype)}, which pyllm cannot run")
+    return np.ascontiguousarray(w.data)
+
+
+def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ W.T: x float32 [T, n_in] -> float32 [T, n_out] (written into `out` when given)."""
+    data = _check(w)
+    n_out, n_in = w.shape
+    if x.ndim != 2 or x.shape[1] != n_in:
+        raise ValueError(f"matmul with '{w.name}' {w.shape}: x has shape {x.shape}, expected [T, {n_in}]")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        out = np.empty((x.shape[0], n_out), np.float32)
+    if w.qtype in _FLOAT_TYPES or x.shape[0] >= PREFILL_MIN_T:
+        _matmul_f32(w.qtype, data, x, out)
+    else:
+        _matmul_q8(w.qtype, data, x, out)
+    return out
+
+
+def get_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
+    """Dequantized rows W[ids]: float32 [len(ids), n_in] (token embedding lookup)."""
+    data = _check(w)
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        raise IndexError(f"row id out of range for '{w.name}' with {w.shape[0]} rows")
+    out = np.empty((ids.shape[0], w.shape[1]), np.float32)
+    _dequant_rows(w.qtype, data, ids, out)
+    return out
+
+
+def dequantize(w: QTensor) -> np.ndarray:
+    """The whole matrix as float32 [n_out, n_in] (tests and tiny weights only)."""
+    return get_rows(w, np.arange(w.shape[0]))
