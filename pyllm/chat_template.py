@@ -20,7 +20,8 @@ from datetime import datetime
 
 import jinja2
 from jinja2.ext import loopcontrols
-from jinja2.runtime import Namespace
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context, Namespace
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from pyllm.errors import TemplateError
@@ -82,12 +83,13 @@ def _deadline(seconds: float):
         sys.settrace(previous)
 
 
-def _check_in(*values) -> None:
-    """Check the arguments of a call before C code runs it: integers are widths, counts and repeats, and the
-    output of one call (replace, indent, join, format...) can grow with the product of its two largest inputs."""
+def _check_in(value, *params) -> None:
+    """Check a call before C code runs it: `value` is what is operated on, `params` the arguments. Integer
+    parameters are widths, counts and repeats; and one call (replace, indent, join, format...) can build a
+    result as large as the product of its two largest inputs."""
     sizes = [0, 0]
-    for v in values:
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_CHARS:
+    for v in (value, *params):
+        if v is not value and isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_CHARS:
             raise _fail(f"argument {v} is too large")
         if isinstance(v, (str, list, tuple)):
             sizes.append(len(_check_out(v)))
@@ -108,8 +110,9 @@ def _check_out(value):
 def _guarded_filter(f):
     @functools.wraps(f)  # copies jinja's pass_context/pass_environment marker too
     def g(*args, **kwargs):
-        _check_in(*args, *kwargs.values())
-        if f.__name__ == "do_format" and args and isinstance(args[0], str) and _BIG_WIDTH.search(args[0]):
+        value, *params = [a for a in args if not isinstance(a, (Context, EvalContext, jinja2.Environment))] or [None]
+        _check_in(value, *params, *kwargs.values())
+        if f.__name__ == "do_format" and isinstance(value, str) and _BIG_WIDTH.search(value):
             raise _fail("format width too large")
         return _check_out(f(*args, **kwargs))
 
@@ -159,9 +162,12 @@ class _Env(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
         # 'sep'.join(xs), '{:>9}'.format(x): the str counts too (the sandbox wraps str.format, hence __wrapped__)
         owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
-        _check_in(*args, *kwargs.values(), *([owner] if isinstance(owner, (str, list)) else []))
-        if isinstance(owner, str) and _BIG_WIDTH.search(owner):
-            raise _fail("format width too large")
+        if isinstance(owner, str):  # str methods are where one call blows up: center, zfill, replace, join...
+            _check_in(owner, *args, *kwargs.values())
+            if __obj.__name__ in ("format", "format_map") and _BIG_WIDTH.search(owner):
+                raise _fail("format width too large")
+        for a in (*args, *kwargs.values()):  # macros, namespace(): values carried along must stay small
+            _check_out(a)
         return _check_out(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context, operator, left, right):
@@ -173,7 +179,7 @@ class _Env(ImmutableSandboxedEnvironment):
             if right * left.bit_length() > MAX_INT_BITS:
                 raise _fail("an integer grew too large")
         if operator == "%" and isinstance(left, str):
-            _check_in(*(right if isinstance(right, tuple) else (right,)))
+            _check_in(left, *(right if isinstance(right, tuple) else (right,)))
             if _BIG_WIDTH.search(left):
                 raise _fail("format width too large")
         return _check_out(super().call_binop(context, operator, left, right))
@@ -242,11 +248,12 @@ class ChatTemplate:
     def for_model(cls, meta: dict, override: str | None = None) -> "ChatTemplate":
         """override (template text, or a built-in name as llama.cpp's --chat-template takes)
         > meta['tokenizer.chat_template'] > a built-in chosen by architecture and vocabulary."""
-        tokens = meta.get("tokenizer.ggml.tokens") or []
+        tokens = meta.get("tokenizer.ggml.tokens")
+        tokens = [] if tokens is None else tokens
 
         def token(key):
             i = meta.get(key)
-            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
+            return str(tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else ""
 
         specials = dict(bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=token("tokenizer.ggml.eos_token_id"))
         if override:

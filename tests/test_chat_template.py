@@ -279,6 +279,8 @@ PAYLOADS = [
     "{{ messages[0].clear() }}",
     "{{ tools.append('evil') }}",
     "{% set x = messages[0].setdefault('evil', 1) %}",
+    "{% include '/etc/passwd' %}",
+    "{% import 'os' as os %}",
 ]
 
 
@@ -363,7 +365,20 @@ def test_limits_leave_no_tracer_behind():
     assert sys.gettrace() is before
 
 
-def test_long_but_legitimate_conversation_renders():
-    chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000} for i in range(40)]
-    text = ChatTemplate(BUILTINS["chatml"]).render(chat)
-    assert len(text) > 400_000 and text.endswith("<|im_start|>assistant\n")
+@pytest.mark.parametrize("name", ["chatml", "gemma"])
+def test_long_but_legitimate_conversation_renders(name):
+    chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 20000} for i in range(8)]
+    text = ChatTemplate(BUILTINS[name]).render(chat)
+    assert len(text) > 790_000 and text.count("word") == 160_000
+
+
+def test_big_numbers_as_data_are_fine():
+    # the caps are on widths/repeats (filter parameters, str-method arguments), not on numbers being printed
+    t = ChatTemplate("{% macro show(n) %}{{ n }}{% endmacro %}{{ 5000000|string }} {{ 10**30 }} {{ show(123456789) }}"
+                     " {{ {'max': 10**12}|tojson }}")
+    assert t.render([]) == '5000000 1000000000000000000000000000000 123456789 {"max": 1000000000000}'
+    # a 7-digit number in a message is data, not a format width
+    phone = [{"role": "user", "content": " call 5551234567 "}]
+    assert ChatTemplate("{{ messages[0].content.strip() }}|{{ '{}'.format(messages[0].content) }}").render(phone) == (
+        "call 5551234567| call 5551234567 "
+    )
