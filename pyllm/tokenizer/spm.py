@@ -1,0 +1,109 @@
+"""SentencePiece vocabularies (tokenizer.ggml.model == "llama"), encoded by the sentencepiece library.
+
+We serialize a sentencepiece ModelProto straight from the GGUF vocab (no protobuf dependency: the
+wire format of the few fields we need is written by hand) and let sentencepiece's BPE do the merging.
+
+To behave like llama.cpp's own SPM tokenizer (llm_tokenizer_spm_session), which merges by score over
+*every* vocab entry and knows nothing of piece types, all pieces are declared NORMAL except the byte
+pieces (<0xNN>, needed for byte fallback) and the one unknown piece sentencepiece insists on. The
+normalizer is the identity: no NFKC, no dummy prefix, no whitespace folding; the caller escapes " " as
+"\u2581" and adds llama.cpp's leading space itself, because that depends on the special-token split.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+# sentencepiece_model.proto field numbers
+_PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_BYTE = 1, 2, 6
+_MODEL_BPE = 2
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_VARINT_1B = [bytes([i]) for i in range(128)]
+
+
+def _len_prefixed(tag: bytes, payload: bytes) -> bytes:
+    n = len(payload)
+    return tag + (_VARINT_1B[n] if n < 128 else _varint(n)) + payload
+
+
+def build_model_proto(tokens: list[str], scores: np.ndarray, is_byte: np.ndarray, unk_id: int | None) -> bytes:
+    """Serialized sentencepiece ModelProto (BPE, byte fallback, identity normalizer)."""
+    n = len(tokens)
+    score_bytes = np.ascontiguousarray(scores, dtype="<f4").tobytes()
+    types = np.full(n, _PIECE_NORMAL, dtype=np.int64)
+    types[is_byte] = _PIECE_BYTE
+    extra = b""
+    if unk_id is not None and 0 <= unk_id < n:
+        types[unk_id] = _PIECE_UNKNOWN
+    else:
+        # sentencepiece needs exactly one unknown piece; add one that no text can produce
+        extra = _len_prefixed(b"\x0a", _len_prefixed(b"\x0a", "<pyllm-unk>".encode()) + b"\x18\x02")
+    type_tail = [b"\x18" + bytes([t]) for t in range(7)]
+    parts = []
+    append = parts.append
+    tl = types.tolist()
+    for i, tok in enumerate(tokens):
+        pb = tok.encode("utf-8", "surrogatepass")
+        body = _len_prefixed(b"\x0a", pb) + b"\x15" + score_bytes[4 * i: 4 * i + 4] + type_tail[tl[i]]
+        append(_len_prefixed(b"\x0a", body))
+    append(extra)
+    has_bytes = bool(is_byte.any())
+    unk = unk_id if (unk_id is not None and 0 <= unk_id < n) else n
+    trainer = (
+        b"\x18" + _varint(_MODEL_BPE)          # model_type = BPE
+        + b"\x20" + _varint(n + (1 if extra else 0))  # vocab_size
+        + b"\x98\x02" + _varint(int(has_bytes))  # byte_fallback (35)
+        + b"\xc0\x02" + _varint(unk)           # unk_id (40)
+        + b"\xc8\x02" + _varint(-1)            # bos_id (41): we add BOS ourselves
+        + b"\xd0\x02" + _varint(-1)            # eos_id (42)
+        + b"\xd8\x02" + _varint(-1)            # pad_id (43)
+    )
+    normalizer = (
+        _len_prefixed(b"\x0a", b"identity")    # name
+        + b"\x18\x00"                          # add_dummy_prefix = false
+        + b"\x20\x00"                          # remove_extra_whitespaces = false
+        + b"\x28\x00"                          # escape_whitespaces = false (done by the caller)
+    )
+    parts.append(_len_prefixed(b"\x12", trainer))
+    parts.append(_len_prefixed(b"\x1a", normalizer))
+    return b"".join(parts)
+
+
+class SPMEngine:
+    """Encodes raw text fragments (already split on special tokens) with sentencepiece."""
+
+    def __init__(self, tokens: list[str], scores: np.ndarray, is_byte: np.ndarray, unk_id: int | None):
+        self._args = (tokens, scores, is_byte, unk_id)
+        self._sp = None  # built on first use: ~0.5 s for a 262k vocab, and not needed to decode
+
+    def _processor(self):
+        if self._sp is None:
+            import sentencepiece
+
+            proto = build_model_proto(*self._args)
+            sp = sentencepiece.SentencePieceProcessor()
+            sp.LoadFromSerializedProto(proto)
+            self._sp = sp
+        return self._sp
+
+    def encode(self, text: str, out: list[int]) -> None:
+        """`text` must already have spaces escaped as U+2581."""
+        if text:
+            out.extend(self._processor().EncodeAsIds(text))
