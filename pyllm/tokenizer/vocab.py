@@ -15,6 +15,8 @@ What follows llama.cpp (src/llama-vocab.cpp) and how:
 
 from __future__ import annotations
 
+import codecs
+
 import numpy as np
 
 from ..errors import GGUFError, UnsupportedError
@@ -57,6 +59,34 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
               "<｜end▁of▁sentence｜>", "[e~[")
 
 _K = "tokenizer.ggml."
+
+
+def _llama_replace(err: UnicodeDecodeError):
+    # llama.cpp's unicode_cpts_from_utf8 replaces an invalid sequence one byte at a time
+    return "\ufffd", err.start + 1
+
+
+codecs.register_error("pyllm-llama-replace", _llama_replace)
+
+
+def _utf8(s: str) -> bytes:
+    """Bytes of a token text; GGUF strings that were not valid UTF-8 arrive surrogate-escaped."""
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return s.encode("utf-8", "surrogatepass")
+
+
+def _valid_text(text: str) -> str:
+    """Input text as llama.cpp sees it: bytes that are not UTF-8 become U+FFFD, one per byte."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _utf8(text).decode("utf-8", "pyllm-llama-replace")
 
 
 def _get_array(meta: dict, key: str, n: int, dtype) -> np.ndarray | None:
@@ -235,7 +265,7 @@ class Tokenizer:
         # special tokens for partitioning, longest text first. llama.cpp uses std::sort (unstable) on
         # length only; equal-length ties keep id order here.
         special = np.nonzero(attrs & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))[0].tolist()
-        special.sort(key=lambda i: -len(tokens[i].encode("utf-8", "surrogatepass")))
+        special.sort(key=lambda i: -len(_utf8(tokens[i])))
         self._special = [(tokens[i], i, bool(attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN))) for i in special]
 
         if model == "gpt2":
@@ -296,6 +326,7 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """Token ids of `text`, as llama_tokenize(text, add_special, parse_special)."""
         out: list[int] = []
+        text = _valid_text(text)
         if add_special and self.add_bos:
             out.append(self.bos_id)
         frags = self._partition(text, parse_special) if text else []
@@ -342,12 +373,12 @@ class Tokenizer:
         attr = int(self._attrs[token_id])
         text = self._tokens[token_id]
         if attr & (ATTR_UNKNOWN | ATTR_CONTROL):
-            return text.encode("utf-8", "surrogatepass") if special else b""
+            return _utf8(text) if special else b""
         if attr & ATTR_USER_DEFINED:
-            return text.encode("utf-8", "surrogatepass")
+            return _utf8(text)
         if attr & ATTR_NORMAL:
             if self.model == "llama":
-                return text.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+                return _utf8(text.replace("\u2581", " "))
             return byte_decode(text)
         if attr & ATTR_BYTE:
             return bytes([int(text[3:5], 16)])
