@@ -8,7 +8,6 @@ priority-queue order llama.cpp uses. Symbols that are not tokens fall back to si
 from __future__ import annotations
 
 import heapq
-import re
 
 from ..errors import GGUFError
 from . import pretokenize
@@ -55,9 +54,6 @@ def byte_decode(text: str) -> bytes:
         return bytes(out)
 
 
-_MERGE_SPLIT = re.compile(r"^(.[^ \n]*) ([^\n]*)$", re.M)
-
-
 class BPEEngine:
     """Encodes raw text fragments (no special tokens inside) to ids."""
 
@@ -69,32 +65,36 @@ class BPEEngine:
         regexes, self.ignore_merges, _, _ = pretokenize.PRE_TOKENIZERS[pre]
         self.patterns = pretokenize.compile_all(regexes)
         self.token_to_id = token_to_id
-        merges = list(merges)
+        merges = [str(m) for m in merges] if not isinstance(merges, list) else merges
         # rank lookup keyed by the merge string itself ("left right"): byte-level token texts never
         # contain a space, so the key is unambiguous. First occurrence wins, as std::map::emplace.
         n = len(merges)
-        self.ranks: dict[str, int] = dict(zip(reversed(merges), range(n - 1, -1, -1)))
+        self.ranks: dict[str, int] = dict(zip(merges, range(n)))
+        if len(self.ranks) != n:
+            self.ranks = dict(zip(reversed(merges), range(n - 1, -1, -1)))
         self._check_merges(merges)
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def _check_merges(self, merges: list[str]) -> None:
-        joined = "\n".join(merges)
-        pairs = _MERGE_SPLIT.findall(joined)
-        if len(pairs) != len(merges):  # a merge without a separating space (or with a newline)
+        """GGUFError when a merge is not "left right" with both sides in the vocabulary."""
+        items = " ".join(merges).split(" ")  # byte-level tokens contain no space: 2 items per merge
+        if len(items) != 2 * len(merges) or "" in items:
+            items = []
             for i, m in enumerate(merges):
-                if m.find(" ", 1) < 0:
+                pos = m.find(" ", 1)  # llama.cpp splits at the first space after the first char
+                if pos < 0:
                     raise GGUFError(f"tokenizer.ggml.merges[{i}] = {m!r} is not two tokens separated by a space")
-        known = self.token_to_id
-        for side in (0, 1):
-            names = {p[side] for p in pairs}
-            missing = names.difference(known)
-            if missing:
-                name = sorted(missing)[0]
-                i = next(i for i, p in enumerate(pairs) if p[side] == name)
-                raise GGUFError(
-                    f"tokenizer.ggml.merges[{i}] = {merges[i]!r} names unknown token {name!r} "
-                    f"({len(missing)} unknown merge operand(s))"
-                )
+                items += (m[:pos], m[pos + 1:])
+        missing = set(items).difference(self.token_to_id)
+        if missing:
+            for i in range(len(merges)):
+                a, b = items[2 * i], items[2 * i + 1]
+                if a in missing or b in missing:
+                    name = a if a in missing else b
+                    raise GGUFError(
+                        f"tokenizer.ggml.merges[{i}] = {merges[i]!r} names unknown token {name!r} "
+                        f"({len(missing)} unknown merge operand(s) in all)"
+                    )
 
     def encode(self, text: str, out: list[int]) -> None:
         cache = self._cache

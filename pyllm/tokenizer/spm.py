@@ -43,10 +43,63 @@ def _len_prefixed(tag: bytes, payload: bytes) -> bytes:
     return tag + (_VARINT_1B[n] if n < 128 else _varint(n)) + payload
 
 
+def _pieces_loop(tokens, score_bytes: bytes, types: list[int]) -> bytes:
+    type_tail = [b"\x18" + bytes([t]) for t in range(7)]
+    parts = []
+    for i, tok in enumerate(tokens):
+        pb = tok.encode("utf-8", "surrogatepass")
+        body = _len_prefixed(b"\x0a", pb) + b"\x15" + score_bytes[4 * i: 4 * i + 4] + type_tail[types[i]]
+        parts.append(_len_prefixed(b"\x0a", body))
+    return b"".join(parts)
+
+
+def _pieces_numpy(tokens, scores: np.ndarray, types: np.ndarray) -> bytes:
+    """The repeated `pieces` field, laid out with numpy: ~10x faster than a Python loop for 262k pieces.
+
+    Each record: 0x0A varint(B) | 0x0A varint(L) piece[L] | 0x15 score[4] | 0x18 type   (B = body size)
+    Varints here are 1 or 2 bytes (sizes < 16384).
+    """
+    enc = [t.encode("utf-8", "surrogatepass") for t in tokens]
+    blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
+    L = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+    vl = 1 + (L >= 128)
+    B = 1 + vl + L + 7
+    if len(B) and B.max() >= 16384:
+        raise ValueError("piece too long for 2-byte varints")
+    vb = 1 + (B >= 128)
+    rec = 1 + vb + B
+    end = np.cumsum(rec)
+    start = end - rec
+    out = np.zeros(int(end[-1]) if len(end) else 0, dtype=np.uint8)
+
+    def put_varint(pos, val, nbytes):
+        one = nbytes == 1
+        out[pos[one]] = val[one]
+        two = ~one
+        out[pos[two]] = (val[two] & 0x7F) | 0x80
+        out[pos[two] + 1] = val[two] >> 7
+
+    out[start] = 0x0A
+    put_varint(start + 1, B, vb)
+    p2 = start + 1 + vb
+    out[p2] = 0x0A
+    put_varint(p2 + 1, L, vl)
+    p3 = p2 + 1 + vl  # piece text
+    blob_start = np.cumsum(L) - L
+    out[np.repeat(p3 - blob_start, L) + np.arange(len(blob))] = blob
+    p4 = p3 + L
+    out[p4] = 0x15
+    sb = np.ascontiguousarray(scores, dtype="<f4").view(np.uint8).reshape(-1, 4)
+    for k in range(4):
+        out[p4 + 1 + k] = sb[:, k]
+    out[p4 + 5] = 0x18
+    out[p4 + 6] = types
+    return out.tobytes()
+
+
 def build_model_proto(tokens: list[str], scores: np.ndarray, is_byte: np.ndarray, unk_id: int | None) -> bytes:
     """Serialized sentencepiece ModelProto (BPE, byte fallback, identity normalizer)."""
     n = len(tokens)
-    score_bytes = np.ascontiguousarray(scores, dtype="<f4").tobytes()
     types = np.full(n, _PIECE_NORMAL, dtype=np.int64)
     types[is_byte] = _PIECE_BYTE
     extra = b""
@@ -55,15 +108,10 @@ def build_model_proto(tokens: list[str], scores: np.ndarray, is_byte: np.ndarray
     else:
         # sentencepiece needs exactly one unknown piece; add one that no text can produce
         extra = _len_prefixed(b"\x0a", _len_prefixed(b"\x0a", "<pyllm-unk>".encode()) + b"\x18\x02")
-    type_tail = [b"\x18" + bytes([t]) for t in range(7)]
-    parts = []
-    append = parts.append
-    tl = types.tolist()
-    for i, tok in enumerate(tokens):
-        pb = tok.encode("utf-8", "surrogatepass")
-        body = _len_prefixed(b"\x0a", pb) + b"\x15" + score_bytes[4 * i: 4 * i + 4] + type_tail[tl[i]]
-        append(_len_prefixed(b"\x0a", body))
-    append(extra)
+    try:
+        pieces = _pieces_numpy(tokens, scores, types)
+    except ValueError:  # a piece of 16 KiB or more: varints longer than 2 bytes
+        pieces = _pieces_loop(tokens, np.ascontiguousarray(scores, dtype="<f4").tobytes(), types.tolist())
     has_bytes = bool(is_byte.any())
     unk = unk_id if (unk_id is not None and 0 <= unk_id < n) else n
     trainer = (
@@ -81,9 +129,7 @@ def build_model_proto(tokens: list[str], scores: np.ndarray, is_byte: np.ndarray
         + b"\x20\x00"                          # remove_extra_whitespaces = false
         + b"\x28\x00"                          # escape_whitespaces = false (done by the caller)
     )
-    parts.append(_len_prefixed(b"\x12", trainer))
-    parts.append(_len_prefixed(b"\x1a", normalizer))
-    return b"".join(parts)
+    return b"".join([pieces, extra, _len_prefixed(b"\x12", trainer), _len_prefixed(b"\x1a", normalizer)])
 
 
 class SPMEngine:
