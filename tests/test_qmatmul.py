@@ -1,0 +1,135 @@
+"""Quantized kernels against gguf-py's reference dequantization, for every supported type."""
+
+import gguf
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from pyllm.errors import UnsupportedError
+from pyllm.kernels import qmatmul
+from pyllm.quants import SUPPORTED, QTensor, block_size, row_bytes, type_name, type_size
+
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# byte offsets of the fp16 scale fields inside a block: random bytes there could be inf/NaN
+SCALE_POS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82],
+             Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+N_IN = 512  # two K-quant blocks, 16 blocks of 32
+
+
+def random_bytes(qtype, n_out, n_in, rng):
+    """Every bit pattern of the quant fields, with fp16 scales in a sane range."""
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, (n_out, n_in // bs * ts), dtype=np.uint8)
+    blk = data.reshape(n_out, -1, ts)
+    for p in SCALE_POS[qtype]:
+        scales = (rng.random(blk.shape[:2]) * 0.02 + 0.001) * rng.choice([-1, 1], blk.shape[:2])
+        blk[:, :, p:p + 2] = scales.astype(np.float16)[..., None].view(np.uint8)
+    return data
+
+
+def make_weight(qtype, n_out, n_in, rng, raw=False):
+    """A QTensor holding a random matrix: gguf-py's quantizer where it has one (realistic values), else raw bytes."""
+    wf = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    if qtype == Q.F32:
+        data = wf.view(np.uint8)
+    elif qtype == Q.F16:
+        data = wf.astype(np.float16).view(np.uint8)
+    elif raw:
+        data = random_bytes(qtype, n_out, n_in, rng)
+    else:
+        try:
+            data = gguf.quants.quantize(wf, qtype)
+        except NotImplementedError:
+            data = random_bytes(qtype, n_out, n_in, rng)
+    return QTensor(f"blk.0.test.{qtype.name}", int(qtype), (n_out, n_in), data)
+
+
+def reference(w):
+    return gguf.quants.dequantize(w.data, Q(w.qtype)).reshape(w.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf_exactly(qtype):
+    rng = np.random.default_rng(1)
+    w = make_weight(qtype, 7, N_IN, rng, raw=qtype not in (Q.F32, Q.F16, Q.BF16))
+    assert np.array_equal(qmatmul.dequantize(w), reference(w))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_get_rows(qtype):
+    rng = np.random.default_rng(2)
+    w = make_weight(qtype, 11, N_IN, rng)
+    ids = np.array([10, 0, 3, 3, 7])
+    assert np.array_equal(qmatmul.get_rows(w, ids), reference(w)[ids])
+    with pytest.raises(IndexError):
+        qmatmul.get_rows(w, np.array([11]))
+
+
+def int8_blocks(x):
+    """x rounded as the int8 kernel rounds it: blocks of 32, step amax/127. Returns (rounded x, half step) [T, n_in]."""
+    amax = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.rint(x.reshape(amax.shape[0], -1, 32) * inv) * (amax.astype(np.float64) / 127)
+    return xq.reshape(x.shape), np.repeat(amax[..., 0].astype(np.float64) / 254, 32, axis=1)
+
+
+@pytest.mark.parametrize("path", ["int8", "float"])
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("n_out", [1, 37])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul(qtype, n_out, T, path, monkeypatch):
+    # force one path or the other whatever T is
+    monkeypatch.setattr(qmatmul, "PREFILL_MIN_T", 10**9 if path == "int8" else 1)
+    rng = np.random.default_rng(3)
+    w = make_weight(qtype, n_out, N_IN, rng)
+    x = rng.standard_normal((T, N_IN)).astype(np.float32)
+    x[0, :32] *= 50  # one block with a much larger scale than the rest
+    wref = reference(w).astype(np.float64)
+    y = qmatmul.matmul(w, x)
+    assert y.shape == (T, n_out) and y.dtype == np.float32
+    exact = x.astype(np.float64) @ wref.T
+    roundoff = 1e-5 * (np.abs(x.astype(np.float64)) @ np.abs(wref).T)
+    if path == "float" or qtype in (Q.F32, Q.F16, Q.BF16):
+        assert np.all(np.abs(y - exact) <= roundoff)
+        return
+    xq, half_step = int8_blocks(x)
+    # within what int8 activations can cost at worst ...
+    assert np.all(np.abs(y - exact) <= half_step @ np.abs(wref).T + roundoff)
+    # ... and exactly what they cost: a wrong offset or bit in one block shows here
+    assert np.all(np.abs(y - xq @ wref.T) <= roundoff)
+
+
+def test_matmul_writes_out_and_checks_shape():
+    rng = np.random.default_rng(4)
+    w = make_weight(Q.Q4_1, 5, 64, rng)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    out = np.full((2, 5), np.nan, np.float32)
+    assert qmatmul.matmul(w, x, out) is out
+    assert np.allclose(out, x @ reference(w).T, rtol=0, atol=0.05 * np.abs(out).max())
+    with pytest.raises(ValueError, match="expected"):
+        qmatmul.matmul(w, x[:, :32])
+
+
+def test_unsupported_type_raises():
+    w = QTensor("blk.0.ffn_up.weight", int(Q.IQ2_XXS), (4, 256), np.zeros((4, 66), np.uint8))
+    msg = "tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which pyllm cannot run"
+    for call in (lambda: qmatmul.matmul(w, np.zeros((1, 256), np.float32)),
+                 lambda: qmatmul.get_rows(w, np.array([0])),
+                 lambda: qmatmul.dequantize(w)):
+        with pytest.raises(UnsupportedError, match=msg):
+            call()
+
+
+def test_geometry_helpers():
+    assert {Q(t) for t in SUPPORTED} == set(TYPES)
+    for t in TYPES:
+        assert (block_size(t), type_size(t)) == GGML_QUANT_SIZES[t]
+        assert type_name(t) == t.name
+    assert row_bytes(Q.Q4_K, 512) == 288 and row_bytes(Q.F16, 3) == 6
+    with pytest.raises(ValueError):
+        row_bytes(Q.Q4_0, 48)
+    # a GGUF [576, 49152] token_embd is 49152 rows of 576; 1-D raw bytes are reshaped to rows
+    w = QTensor("token_embd.weight", int(Q.Q8_0), (3, 64), np.zeros(3 * 68, np.uint8))
+    assert w.data.shape == (3, 68)
+    with pytest.raises(ValueError):
+        QTensor("bad", int(Q.Q8_0), (3, 64), np.zeros((3, 67), np.uint8))
