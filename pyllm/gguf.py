@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -28,6 +29,37 @@ _SCALARS = {
     10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64),
 }
 _STRING, _ARRAY = 8, 9
+
+# The GGUF types of the well-known keys whose readers trust them ("{arch}" is general.architecture): a file
+# that stores, say, the token list as a number or the head count as a string is refused here, by name.
+_INT, _NUM, _FLAG = ("int",), ("int", "float"), ("bool", "int")
+KEY_KINDS = {
+    "general.architecture": ("str",), "general.alignment": _INT,
+    "tokenizer.ggml.model": ("str",), "tokenizer.ggml.pre": ("str",), "tokenizer.chat_template": ("str",),
+    "tokenizer.ggml.tokens": ("array[str]",), "tokenizer.ggml.merges": ("array[str]",),
+    "tokenizer.ggml.scores": ("array[float]", "array[int]"), "tokenizer.ggml.token_type": ("array[int]",),
+    "tokenizer.ggml.add_bos_token": _FLAG, "tokenizer.ggml.add_eos_token": _FLAG,
+    "tokenizer.ggml.add_space_prefix": _FLAG,
+    **{f"{{arch}}.{k}": _INT for k in (
+        "block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
+        "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+        "attention.sliding_window", "rope.dimension_count")},
+    **{f"{{arch}}.{k}": _NUM for k in (
+        "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon")},
+    "{arch}.rope.scaling.type": ("str",),
+}
+TOKEN_ID_KEY = re.compile(r"tokenizer\.ggml\.\w+_token_id")  # bos/eos/unknown/padding/...: all ints
+
+
+def value_kind(value) -> str:
+    """The GGUF type family of a parsed value: int, float, bool, str, array[int|float|bool|str|array]."""
+    if isinstance(value, (bool, int, float, str)):
+        return type(value).__name__
+    if isinstance(value, np.ndarray):
+        return "array[" + {"b": "bool", "f": "float"}.get(value.dtype.kind, "int") + "]"
+    if value and not isinstance(value[0], str):
+        return "array[array]"
+    return "array[str]"
 
 
 @dataclass(frozen=True)
@@ -144,6 +176,8 @@ class GGUFFile:
         self.file_size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             head = f.read(4)
+            if len(head) < 4:
+                raise GGUFError(f"{self.path}: not a GGUF file ({self.file_size} bytes, too short for a header)")
             if head != GGUF_MAGIC:
                 raise GGUFError(f"{self.path}: not a GGUF file (starts with {head!r}, expected b'GGUF')")
             # Read a prefix big enough for most headers; grow only if the parse runs past it.
@@ -169,12 +203,15 @@ class GGUFFile:
         meta: dict = {}
         for _ in range(n_kv):
             key = c.string("metadata key")
+            if key in meta:
+                c.fail(f"metadata key {key!r} is stored twice")
             vtype = c.u32(f"type of {key}")
             meta[key] = _read_value(c, vtype, key)
         self.metadata = meta
+        self._check_key_kinds(c)
         align = meta.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 16:
-            c.fail(f"general.alignment is {align!r}, expected a power of two")
+        if align <= 0 or align & (align - 1) or align > 1 << 16:
+            c.fail(f"general.alignment is {align}, expected a power of two up to 65536")
         infos = []
         for _ in range(n_tensors):
             name = c.string("tensor name")
@@ -200,6 +237,16 @@ class GGUFFile:
         for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
             if s1 < e0:
                 c.fail(f"tensors {n0!r} and {n1!r} overlap")
+
+    def _check_key_kinds(self, c: _Cursor):
+        arch = self.metadata.get("general.architecture")
+        for key, value in self.metadata.items():
+            if isinstance(arch, str) and key.startswith(arch + "."):
+                kinds = KEY_KINDS.get("{arch}" + key[len(arch):])
+            else:
+                kinds = _INT if TOKEN_ID_KEY.fullmatch(key) else KEY_KINDS.get(key)
+            if kinds and value_kind(value) not in kinds:
+                c.fail(f"metadata {key} is of type {value_kind(value)}, expected {' or '.join(kinds)}")
 
     def _check_tensor(self, name, dims, qtype, offset, align, data_start) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"

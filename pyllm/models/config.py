@@ -46,8 +46,9 @@ def read_hparams(meta: dict, path: str, **arch_defaults) -> ModelConfig:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise GGUFError(f"{path}: metadata {arch}.{key} is missing")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise GGUFError(f"{path}: metadata {arch}.{key} is {value!r}, expected a number")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (kind is int and value != int(value))):
+            raise GGUFError(f"{path}: metadata {arch}.{key} is {value!r}, expected a finite number")
         return kind(value)
 
     n_layers = get("block_count")
@@ -63,10 +64,16 @@ def read_hparams(meta: dict, path: str, **arch_defaults) -> ModelConfig:
     if f"{arch}.attention.key_length" not in meta and d_model % n_heads:
         raise GGUFError(f"{path}: embedding size {d_model} is not a multiple of the head count {n_heads}")
     head_dim = get("attention.key_length", d_model // n_heads)
+    if not 0 < head_dim <= 1 << 16:
+        raise GGUFError(f"{path}: attention head size {head_dim} (metadata {arch}.attention.key_length), "
+                        f"expected a positive size")
     tokens = meta.get("tokenizer.ggml.tokens")
     n_vocab = get("vocab_size", len(tokens) if tokens is not None else None)
     window = get("attention.sliding_window", 0)
     rope_base = get("rope.freq_base", 10000.0, float)
+    if window < 0 or rope_base <= 0:
+        raise GGUFError(f"{path}: metadata {arch}.attention.sliding_window {window} or {arch}.rope.freq_base "
+                        f"{rope_base} is out of range")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     factor = get("rope.scaling.factor", 1.0, float)
     if scaling not in ("none", "linear") and factor != 1.0:
@@ -91,6 +98,6 @@ def read_hparams(meta: dict, path: str, **arch_defaults) -> ModelConfig:
     fields.update(arch_defaults)
     if fields["ctx_train"] <= 0:
         raise GGUFError(f"{path}: metadata {arch}.context_length is {fields['ctx_train']}, expected > 0")
-    if fields["rope_dim"] > head_dim or fields["rope_dim"] % 2:
+    if not 0 < fields["rope_dim"] <= head_dim or fields["rope_dim"] % 2:
         raise GGUFError(f"{path}: RoPE dimension {fields['rope_dim']} does not fit head size {head_dim}")
     return ModelConfig(**fields)
