@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import ContextError, UnsupportedError
+from .errors import ContextError, PyllmError, UnsupportedError
 from .gguf import GGUFFile
 from .kernels import get_backend
 from .kv_cache import KVCache
@@ -28,7 +28,7 @@ class Model:
             raise UnsupportedError(f"{self.path}: architecture {arch!r} is not supported (pyllm runs {known})")
         module = ARCHS[arch]
         self.config = module.config(meta, self.path)
-        self.tokenizer = Tokenizer.from_metadata(meta)
+        self.tokenizer = _tokenizer(meta, self.path)
         if self.tokenizer.n_vocab != self.config.n_vocab:
             from .errors import GGUFError
             raise GGUFError(f"{self.path}: the vocabulary has {self.tokenizer.n_vocab} tokens but the model "
@@ -117,4 +117,12 @@ def load(path: str | os.PathLike, device: str = "auto") -> Model:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     from .gguf import read_metadata
 
-    return Tokenizer.from_metadata(read_metadata(path))
+    return _tokenizer(read_metadata(path), str(path))
+
+
+def _tokenizer(meta: dict, path: str) -> Tokenizer:
+    """The tokenizer's errors name a metadata key; the user also needs to know which file."""
+    try:
+        return Tokenizer.from_metadata(meta)
+    except PyllmError as e:
+        raise type(e)(f"{path}: {e}") from None

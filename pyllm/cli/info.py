@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import app
-from .common import ModelArg, pull_progress
+from .common import ModelArg, Verbose, pull_progress
 
 
 def _fmt_bytes(n: int) -> str:
@@ -20,7 +20,10 @@ def _fmt_bytes(n: int) -> str:
 
 
 @app.command()
-def info(model: ModelArg = None):
+def info(model: ModelArg = None,
+         check: Annotated[bool, typer.Option("--check", help="run every validation on the file and print "
+                                             "what was checked; exit 2 if any fails")] = False,
+         verbose: Verbose = False):  # noqa: ARG001 (cli.main reads --verbose itself: tracebacks)
     """Print a GGUF's metadata, tensor type counts and sizes."""
     from gguf.constants import GGMLQuantizationType
 
@@ -28,6 +31,8 @@ def info(model: ModelArg = None):
     from ..gguf import GGUFFile
 
     path = registry.resolve(model, progress=pull_progress())
+    if check:
+        return _check(path)
     g = GGUFFile(path)
     out = Console(highlight=False)
     arch = g.architecture
@@ -55,6 +60,22 @@ def info(model: ModelArg = None):
     for name, c in counts.most_common():
         types.add_row(name, str(c), _fmt_bytes(sizes[name]))
     out.print(types)
+
+
+def _check(path) -> None:
+    """One line per validation on stdout; the first failure becomes the error line (exit status 2)."""
+    from ..errors import GGUFError
+    from ..validate import check_model
+
+    out = Console(highlight=False, soft_wrap=True)
+    checks = check_model(path)
+    for name, ok, detail in checks:
+        mark = "[green]ok[/green]  " if ok else "[red]FAIL[/red]"
+        out.print(f"{mark} {name}: {detail}", markup=True)
+    failed = [(name, detail) for name, ok, detail in checks if not ok]
+    if failed:
+        raise GGUFError(f"{path}: {failed[0][1]}" + (f" (and {len(failed) - 1} more failed checks)"
+                                                       if len(failed) > 1 else ""))
 
 
 @app.command()
