@@ -6,11 +6,11 @@ One self-describing file per entry:
     K [n_layers, n_kv_heads, n_tokens, head_dim] | V [n_layers, n_kv_heads, n_tokens, head_dim]
 
 K and V are stored in the cache's own element type (f16 bits or float32, little-endian), so a restored prefix is
-bit-for-bit what the prefill wrote.  The header names the format version, the model fingerprint, the KV type and
+bit-for-bit what the prefill wrote.  The header names the format version, the model's identity, the KV type and
 head layout, the token count and a sha256 over the token ids and K/V bytes.  A file is written under a temporary
 name and renamed, so readers see a whole file or none; a torn or altered one fails the size or checksum test.
 
-`PromptCache` manages a directory (file names start with the model fingerprint and KV type, so a lookup reads
+`PromptCache` manages a directory (file names start with the model identity and KV type, so a lookup reads
 only the headers of that model's entries; a size limit evicts the least recently used); `PromptCacheFile` is one
 explicit file, as llama.cpp's --prompt-cache.  Both restore the longest stored prefix of a prompt into a KV cache
 slot (generate() then prefills only the rest) and save a slot.  Bad files are reported through `warn` and never
@@ -26,6 +26,7 @@ import secrets
 import struct
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,10 +74,26 @@ class Entry:
         return len(self.tokens)
 
 
+_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_identity(model) -> str:
+    """model.fingerprint (GGUF header + tensor directory) plus samples of every tensor's bytes: two files with
+    one layout but other weights (a fine-tune, another quantization recipe) must never share entries."""
+    if model not in _identities:
+        digest = hashlib.sha256(model.fingerprint.encode())
+        for name in sorted(model.gguf.tensors):
+            data = model.gguf.tensor_data(name)  # uint8 view of the memmap
+            for start in (0, len(data) // 2, max(len(data) - 256, 0)):
+                digest.update(data[start:start + 256])
+        _identities[model] = digest.hexdigest()
+    return _identities[model]
+
+
 def _layout(model, cache) -> dict:
     """What an entry must agree on to be loaded into `cache` for `model`."""
     c = model.config
-    return {"fingerprint": model.fingerprint, "kv_type": cache.kv_type, "n_layers": c.n_layers,
+    return {"fingerprint": model_identity(model), "kv_type": cache.kv_type, "n_layers": c.n_layers,
             "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim}
 
 
@@ -228,9 +245,8 @@ class PromptCache:
 
     def _entries(self, model, cache) -> list[Entry]:
         """The readable entries this model and KV type could use (bad ones are reported and removed)."""
-        fp = model.fingerprint
         found = []
-        for path in self.dir.glob(f"{fp[:16]}-{cache.kv_type}-*{SUFFIX}"):
+        for path in self.dir.glob(f"{model_identity(model)[:16]}-{cache.kv_type}-*{SUFFIX}"):
             try:
                 entry = read_entry(path)
             except BadEntry as e:
@@ -266,7 +282,7 @@ class PromptCache:
                     _touch(e.path)
                     return e.path
             name = hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()[:24]
-            path = self.dir / f"{model.fingerprint[:16]}-{cache.kv_type}-{name}{SUFFIX}"
+            path = self.dir / f"{model_identity(model)[:16]}-{cache.kv_type}-{name}{SUFFIX}"
             write_entry(path, model, cache, slot, len(ids))
             for e in entries:  # entries the new one extends are now redundant
                 if _matched(e, ids) == e.n_tokens:

@@ -8,6 +8,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import app
+from .cache import (NoPromptCache, PromptCacheAll, PromptCacheDir, PromptCacheFile, PromptCacheMaxSize, PromptCacheRo,
+                    open_prompt_cache)
 from .common import CtxSize, Device, KvType, ModelArg, Threads, Verbose, err, load_model, read_prompt, set_threads
 
 
@@ -59,12 +61,20 @@ def run(
     kv_type: KvType = "f16",
     threads: Threads = None,
     device: Device = "auto",
+    no_prompt_cache: NoPromptCache = False,
+    prompt_cache_dir: PromptCacheDir = None,
+    prompt_cache_max_size: PromptCacheMaxSize = "2G",
+    prompt_cache: PromptCacheFile = None,
+    prompt_cache_ro: PromptCacheRo = False,
+    prompt_cache_all: PromptCacheAll = False,
     verbose: Verbose = False,
 ):
     """Generate text for one prompt, streamed to stdout as it is produced."""
     from ..generate import Stats, generate, stream_text
 
     set_threads(threads)
+    prefix_cache = open_prompt_cache(no_prompt_cache, prompt_cache_dir, prompt_cache_max_size, prompt_cache,
+                                     prompt_cache_ro)
     text = read_prompt(prompt, file)
     if not text.strip():
         from ..errors import PyllmError
@@ -74,6 +84,8 @@ def run(
     ids = prompt_tokens(m, text, raw, system)
     n_ctx = ctx_size or min(m.config.ctx_train, 4096)
     cache = m.new_cache(n_ctx, kv_type=kv_type)
+    if prefix_cache is not None:
+        prefix_cache.restore(m, cache, ids)
     limit = n_ctx - len(ids) if max_tokens < 0 else max_tokens
     sampler = sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                                    frequency_penalty, seed)
@@ -90,8 +102,11 @@ def run(
     if out.isatty():
         out.write("\n")
     out.flush()
+    if prefix_cache is not None:
+        prefix_cache.save(m, cache, n_tokens=None if prompt_cache_all else len(ids))
     if verbose or err.is_terminal:
-        err.print(f"[dim]prompt: {stats.n_prefill} tokens, {stats.prefill_tps():.1f} tok/s | generated: "
+        reused = f" (+{stats.n_reused} from cache)" if stats.n_reused else ""
+        err.print(f"[dim]prompt: {stats.n_prefill} tokens{reused}, {stats.prefill_tps():.1f} tok/s | generated: "
                   f"{stats.n_generated} tokens, {stats.generate_tps():.1f} tok/s[/dim]")
     if interrupted:
         raise typer.Exit(130)

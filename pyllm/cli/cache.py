@@ -1,0 +1,90 @@
+"""Prompt cache options shared by run, chat and batch; `pyllm cache ls` and `pyllm cache clear`."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import app
+from .common import err
+from .info import _fmt_bytes
+
+NoPromptCache = Annotated[bool, typer.Option("--no-prompt-cache", help="neither reuse nor store prompt KV state")]
+PromptCacheDir = Annotated[Optional[Path], typer.Option(
+    "--prompt-cache-dir", envvar="PYLLM_PROMPT_CACHE_DIR", show_default=False,
+    help="directory of the automatic prompt cache (default: ~/.cache/pyllm/prompt-cache)")]
+PromptCacheMaxSize = Annotated[str, typer.Option(
+    "--prompt-cache-max-size", help="size limit of the cache directory; least recently used entries go first")]
+PromptCacheFile = Annotated[Optional[Path], typer.Option(
+    "--prompt-cache", show_default=False, help="reuse and save the prompt's KV state in FILE instead of the directory")]
+PromptCacheRo = Annotated[bool, typer.Option("--prompt-cache-ro", help="reuse the prompt cache but never write it")]
+PromptCacheAll = Annotated[bool, typer.Option("--prompt-cache-all", help="store the generated tokens too")]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '500MB', '1.5g', '4096' -> bytes (binary units)."""
+    from ..errors import PyllmError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise PyllmError(f"--prompt-cache-max-size: {text!r} is not a size (e.g. 500M, 2G)")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def warn(message: str) -> None:
+    err.print(f"pyllm: warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def open_prompt_cache(disabled: bool, directory: Path | None, max_size: str, file: Path | None,
+                      read_only: bool):
+    """The prompt cache the options ask for: a PromptCacheFile, a PromptCache directory, or None."""
+    from ..prompt_cache import PromptCache, PromptCacheFile as CacheFile
+
+    if disabled:
+        return None
+    if file is not None:
+        return CacheFile(file, read_only=read_only, warn=warn)
+    return PromptCache(directory, parse_size(max_size), read_only=read_only, warn=warn)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect or empty the prompt cache directory.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def ls(directory: PromptCacheDir = None):
+    """List cached prompts: model, tokens, size, last use and the start of the text."""
+    from ..prompt_cache import PromptCache
+
+    pc = PromptCache(directory)
+    rows = pc.listing() if pc.dir.is_dir() else []
+    out = Console(highlight=False)
+    table = Table("entry", "model", "tokens", "size", "last used", "text", box=None)
+    for path, size, used, info in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(used))
+        if isinstance(info, dict):
+            table.add_row(path.stem[-12:], escape(str(info.get("model", "?"))), str(info["n_tokens"]), _fmt_bytes(size), when,
+                          escape(str(info.get("preview", ""))))
+        else:
+            table.add_row(path.stem[-12:], "?", "?", _fmt_bytes(size), when, escape(f"unusable: {info}"))
+    if rows:
+        out.print(table)
+    err.print(f"{len(rows)} entries, {_fmt_bytes(sum(r[1] for r in rows))} in {pc.dir}")
+
+
+@cache_app.command("clear")
+def clear(directory: PromptCacheDir = None):
+    """Remove every cached prompt."""
+    from ..prompt_cache import PromptCache
+
+    pc = PromptCache(directory)
+    count, freed = pc.clear() if pc.dir.is_dir() else (0, 0)
+    err.print(f"removed {count} entries ({_fmt_bytes(freed)}) from {pc.dir}")
