@@ -58,6 +58,10 @@ class QTensor:
             data = data.view(np.uint8)
         if data.ndim != 2 and qtype in SUPPORTED:
             data = data.reshape(n_out, row_bytes(qtype, n_in))
+        if data.flags.writeable:
+            # weights are read-only, as GGUF memmaps are: numba compiles (and caches) one variant, not two
+            data = data.view()
+            data.flags.writeable = False
         self.data = data  # uint8 [n_out, row_bytes]
         if qtype in SUPPORTED and data.shape != (n_out, row_bytes(qtype, n_in)):
             raise ValueError(

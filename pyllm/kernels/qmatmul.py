@@ -575,7 +575,11 @@ def _matmul_f32(qtype, w, x, out):
 def _check(w: QTensor) -> np.ndarray:
     if w.qtype not in SUPPORTED:
         raise UnsupportedError(f"tensor '{w.name}' has type {type_name(w.qtype)}, which pyllm cannot run")
-    return np.ascontiguousarray(w.data)
+    data = w.data
+    if data.flags.writeable or not data.flags.c_contiguous:  # QTensor makes it read-only; keep one numba variant
+        data = np.ascontiguousarray(data).view()
+        data.flags.writeable = False
+    return data
 
 
 def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
