@@ -6,6 +6,7 @@ a tensor (biases, Q/K norms, post-norms): weights are kept under their GGUF name
 from __future__ import annotations
 
 import numpy as np
+from gguf.constants import GGMLQuantizationType
 
 from ..errors import GGUFError
 from ..gguf import GGUFFile
@@ -83,8 +84,14 @@ class Transformer:
     def _vector(self, name: str, shape: tuple[int]) -> np.ndarray:
         """Small 1-D weights (norms, biases) as float32 — the only tensors ever converted at load time."""
         info = self._check_shape(name, shape)
-        raw = self._gf.tensor_data(name).reshape(1, -1)
-        return self.backend.upload_vector(np.ascontiguousarray(dequantize(QTensor(name, info.qtype, (1, shape[0]), raw))[0]))
+        raw = self._gf.tensor_data(name)
+        if info.qtype == GGMLQuantizationType.F32:  # the usual case: no kernel needed (saves its load time)
+            vec = raw.view(np.float32).copy()
+        elif info.qtype == GGMLQuantizationType.F16:
+            vec = raw.view(np.float16).astype(np.float32)
+        else:
+            vec = dequantize(QTensor(name, info.qtype, (1, shape[0]), raw.reshape(1, -1)))[0]
+        return self.backend.upload_vector(vec)
 
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slot: np.ndarray, kv, logit_rows: np.ndarray) -> np.ndarray:
         """Run T tokens through the model, writing their keys/values into `kv`.
