@@ -24,6 +24,18 @@ KvType = Annotated[str, typer.Option("--kv-type", help="KV cache element type: f
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="timings, and tracebacks on errors")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (CUDA when a GPU is usable)")]
 
+# Sampling (run and chat; defaults as llama.cpp's, written at each command's parameter)
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate (-1: until the "
+                                        "model stops or the context is full)")]
+Temp = Annotated[float, typer.Option("--temp", help="temperature (0: greedy)")]
+TopK = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: all)")]
+TopP = Annotated[float, typer.Option("--top-p", help="nucleus sampling mass")]
+MinP = Annotated[float, typer.Option("--min-p", help="drop tokens below min-p x the top probability")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="penalise the last 64 tokens (1.0: off)")]
+PresencePenalty = Annotated[float, typer.Option("--presence-penalty")]
+FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed: same seed, same text")]
+
 
 def set_threads(n: int | None) -> None:
     import numba

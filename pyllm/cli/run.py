@@ -10,7 +10,8 @@ import typer
 from . import app
 from .cache import (NoPromptCache, PromptCacheAll, PromptCacheDir, PromptCacheFile, PromptCacheMaxSize, PromptCacheRo,
                     open_prompt_cache)
-from .common import CtxSize, Device, KvType, ModelArg, Threads, Verbose, err, load_model, read_prompt, set_threads
+from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
+                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, read_prompt, set_threads)
 
 
 def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed):
@@ -22,6 +23,7 @@ def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_pen
 
 def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> list[int]:
     """The prompt's token ids: through the model's chat template unless raw (or the model has none)."""
+    from ..chat import render_tokens
     from ..chat_template import ChatTemplate
     from ..errors import TemplateError
 
@@ -33,8 +35,7 @@ def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> lis
         if template is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": text}]
-            rendered = template.render(messages, add_generation_prompt=True)
-            return model.tokenize(rendered, add_special=not template.renders_bos(), parse_special=True)
+            return render_tokens(model, template, messages)
     return model.tokenize(text, add_special=True, parse_special=True)
 
 
@@ -43,17 +44,15 @@ def run(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="prompt text, or - for stdin")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="read the prompt from a file")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate (-1: until the "
-                                            "model stops or the context is full)")] = -1,
-    temp: Annotated[float, typer.Option("--temp", help="temperature (0: greedy)")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: all)")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling mass")] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", help="drop tokens below min-p x the top probability")] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="penalise the last 64 tokens "
-                                                  "(1.0: off)")] = 1.0,
-    presence_penalty: Annotated[float, typer.Option("--presence-penalty")] = 0.0,
-    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="random seed: same seed, same text")] = None,
+    max_tokens: MaxTokens = -1,
+    temp: Temp = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
+    presence_penalty: PresencePenalty = 0.0,
+    frequency_penalty: FrequencyPenalty = 0.0,
+    seed: Seed = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="stop at this text (repeatable)")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="system prompt (chat template only)")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="send the prompt as is, without the chat template")] = False,
