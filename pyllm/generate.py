@@ -31,9 +31,9 @@ class Stats:
         return steps / self.generate_s if self.generate_s > 0 else 0.0
 
 
-def generate(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, max_tokens: int = 256,
-             slot: int = 0, stats: Stats | None = None, stop_at_eog: bool = True) -> Iterator[int]:
-    """Prefill what the cache slot does not hold yet, then sample up to max_tokens ids.
+def prefill(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, slot: int = 0,
+            stats: Stats | None = None):
+    """Evaluate what the cache slot does not hold of `prompt` yet; return the logits after its last token.
 
     The slot's longest common prefix with `prompt` is reused; at least the last prompt token is always
     evaluated, because its logits pick the first new token.
@@ -52,6 +52,14 @@ def generate(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, max_
     t0 = time.perf_counter()
     logits = model.eval(cache, prompt[reuse:], slot=slot)
     stats.prefill_s = time.perf_counter() - t0
+    return logits
+
+
+def generate(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, max_tokens: int = 256,
+             slot: int = 0, stats: Stats | None = None, stop_at_eog: bool = True) -> Iterator[int]:
+    """Prefill what the cache slot does not hold yet (see prefill), then sample up to max_tokens ids."""
+    stats = stats if stats is not None else Stats()
+    logits = prefill(model, cache, prompt, sampler, slot=slot, stats=stats)
     t0 = time.perf_counter()
     stats.finish_reason = "length"
     for i in range(max_tokens):
@@ -71,33 +79,54 @@ def generate(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, max_
         stats.generate_s = time.perf_counter() - t0
 
 
-def stream_text(tokenizer, tokens: Iterable[int], stop: list[str] = ()) -> Iterator[str]:
-    """Turn token ids into text pieces of whole UTF-8 characters; end at the first stop string (not printed).
+class TextStream:
+    """Token ids pushed one at a time -> text pieces of whole UTF-8 characters, ending at the first stop string
+    (not included).  Text that could still become the start of a stop string is held back until it cannot."""
 
-    Text that could still become the start of a stop string is held back until it cannot.
-    """
-    decoder = StreamDecoder(tokenizer)
-    stop = [s for s in stop if s]
-    hold = max((len(s) for s in stop), default=1) - 1
-    pending = ""
+    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.pending = ""
+        self.stopped = False  # a stop string appeared: feed no more tokens
+
+    def feed(self, token: int) -> str:
+        """The text that is now safe to show ("" while it may still turn into a stop string)."""
+        self.pending += self.decoder.feed(token)
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        cut = max(len(self.pending) - self.hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def finish(self) -> str:
+        """The held-back rest, once no more tokens come."""
+        if self.stopped:
+            return ""
+        rest, self.pending = self.pending + self.decoder.flush(), ""
+        cut = min([i for i in (rest.find(s) for s in self.stop) if i >= 0], default=len(rest))
+        return rest[:cut]
+
+
+def stream_text(tokenizer, tokens: Iterable[int], stop: list[str] = ()) -> Iterator[str]:
+    """Turn token ids into text pieces of whole UTF-8 characters; end at the first stop string (not printed)."""
+    text = TextStream(tokenizer, stop)
     it = iter(tokens)
     for tok in it:
-        pending += decoder.feed(tok)
-        if stop:
-            hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-            if hits:
-                yield pending[:min(hits)]
-                close = getattr(it, "close", None)
-                if close:
-                    close()
-                return
-            if len(pending) > hold:
-                yield pending[:len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        elif pending:
-            yield pending
-            pending = ""
-    pending += decoder.flush()
-    if pending:
-        cut = min([i for i in (pending.find(s) for s in stop) if i >= 0], default=len(pending))
-        yield pending[:cut]
+        piece = text.feed(tok)
+        if piece:
+            yield piece
+        if text.stopped:
+            close = getattr(it, "close", None)
+            if close:
+                close()
+            return
+    rest = text.finish()
+    if rest:
+        yield rest
