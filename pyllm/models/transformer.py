@@ -65,7 +65,7 @@ class Transformer:
             self.layers.append(layer)
         freqs = gf.tensors.get("rope_freqs.weight")
         self.rope_factors = (self._vector("rope_freqs.weight", (c.rope_dim // 2,)) if freqs is not None
-                             else np.ones(c.rope_dim // 2, dtype=np.float32))  # [rope_dim/2]
+                             else self.backend.upload_vector(np.ones(c.rope_dim // 2, dtype=np.float32)))  # [rope_dim/2]
 
     def _check_shape(self, name: str, shape: tuple[int, ...]):
         info = self._gf.tensors.get(name)
