@@ -4,7 +4,8 @@
 
 Decode (T=1) cycles through enough copies of each matrix to overflow the 32 MB L3, so GB/s is DRAM streaming as
 in a real forward pass ("hot" repeats one copy: the compute ceiling). A plain byte-summing pass over the same
-memory gives the machine's read bandwidth right now (the machine is shared: compare within one run).
+memory, in 2 MB calls, gives the machine's read bandwidth right now. The machine is shared and noisy: every
+call is timed on its own and the median reported, and figures should be compared within one run.
 Prefill prints GFLOP/s (2*T*n_out*n_in per call).
 """
 
@@ -73,14 +74,17 @@ def random_weight(qtype: int, n_out: int, n_in: int, rng) -> QTensor:
     return QTensor("bench", int(qtype), (n_out, n_in), data)
 
 
-def best_time(fn, reps: int) -> float:
-    fn()
+def median_time(fns, reps: int) -> float:
+    """Median seconds per call over reps passes through fns (one warm-up pass)."""
+    for f in fns:
+        f()
     ts = []
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+        for f in fns:
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
 
 
 def main() -> None:
@@ -95,10 +99,11 @@ def main() -> None:
     wanted = {s.strip().upper() for s in args.types.split(",") if s.strip()}
 
     big = rng.integers(0, 256, (STREAM_BYTES // 4096, 4096), dtype=np.uint8)
-    sums = np.empty(big.shape[0], np.int64)
-    print(f"read bandwidth (plain streaming sum, {args.threads} threads): "
-          f"{big.nbytes / best_time(lambda: _read_all(big, sums), 5) / 1e9:.1f} GB/s")
-    del big
+    sums = np.empty(512, np.int64)
+    chunks = [big[i:i + 512] for i in range(0, big.shape[0], 512)]  # 2 MB each
+    t = median_time([lambda c=c: _read_all(c, sums) for c in chunks], reps)
+    print(f"read bandwidth (plain streaming sum, {args.threads} threads): {chunks[0].nbytes / t / 1e9:.1f} GB/s")
+    del big, chunks
 
     print(f"{'model':10s} {'tensor':14s} {'type':5s} {'n_out x n_in':>13s} | {'T=1 GB/s':>8s} {'hot':>5s} {'us':>7s}"
           f" | {'T=4 GB/s':>8s} | {'T=128 GF/s':>10s} {'T=512 GF/s':>10s}")
@@ -111,15 +116,14 @@ def main() -> None:
         x1 = rng.standard_normal((1, n_in), dtype=np.float32)
         out1 = np.empty((1, n_out), np.float32)
 
-        def cycle(x, out):
-            for c in copies:
-                qmatmul.matmul(c, x, out)
+        def calls(x, out):
+            return [lambda c=c: qmatmul.matmul(c, x, out) for c in copies]
 
-        t1 = best_time(lambda: cycle(x1, out1), reps) / len(copies)
-        hot = best_time(lambda: [qmatmul.matmul(w, x1, out1) for _ in range(20)], reps) / 20
+        t1 = median_time(calls(x1, out1), reps)
+        hot = median_time([lambda: qmatmul.matmul(w, x1, out1)] * 20, reps)
         x4 = rng.standard_normal((4, n_in), dtype=np.float32)
         out4 = np.empty((4, n_out), np.float32)
-        t4 = best_time(lambda: cycle(x4, out4), max(1, reps // 2)) / len(copies)
+        t4 = median_time(calls(x4, out4), max(1, reps // 2))
         del copies
         line = (f"{model:10s} {tensor:14s} {qtype.name:5s} {n_out:6d}x{n_in:<6d} | {w.nbytes / t1 / 1e9:8.1f}"
                 f" {w.nbytes / hot / 1e9:5.1f} {t1 * 1e6:7.1f} | {w.nbytes / t4 / 1e9:8.1f} |")
@@ -129,7 +133,7 @@ def main() -> None:
                 continue
             x = rng.standard_normal((T, n_in), dtype=np.float32)
             out = np.empty((T, n_out), np.float32)
-            t = best_time(lambda: qmatmul.matmul(w, x, out), max(1, reps // 2))
+            t = median_time([lambda: qmatmul.matmul(w, x, out)], reps)
             line += f" {2 * T * n_out * n_in / t / 1e9:10.1f}"
         print(line, flush=True)
 

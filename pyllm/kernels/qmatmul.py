@@ -31,8 +31,9 @@ F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 _FLOAT_TYPES = (F32, F16, BF16)
 
-# Below this many activation rows the int8 kernel wins; at and above it, float tiles (bench/bench_qmatmul.py).
-PREFILL_MIN_T = 8
+# Below this many activation rows the int8 kernel wins; at and above it, float tiles (measured crossover T=4-8
+# across types, single thread: the float path pays a fixed dequantization of the whole matrix per call).
+PREFILL_MIN_T = 6
 
 # fastmath without nnan/ninf: a NaN or inf in the activations must come out, not be optimized away.
 _FM = {"contract", "reassoc", "arcp", "afn", "nsz"}
@@ -483,35 +484,44 @@ def _dequant_row(qtype, w, y):
 
 @njit(fastmath=_FM, cache=True)
 def _dequant_row_k(qtype, w, y):
-    # K-quants: blocks of 256 as 8 chunks of 32 values, the same chunk order as the _vd_* functions
+    # K-quants: blocks of 256 as 8 chunks of 32 values in the chunk order of the _vd_* functions; scales are
+    # worked out once per 16-value half-chunk, so the inner loops are plain byte arithmetic
     for b in range(y.shape[0] // 256):
         for c in range(8):
             n, j = c // 4, c % 4
-            for l in range(32):
-                i = b * 256 + c * 32 + l
+            for h in range(2):
+                i = b * 256 + c * 32 + h * 16  # first output of this half-chunk
                 if qtype == Q2_K:
                     o = b * 84
-                    sc = w[o + 2 * c + l // 16]
-                    q = (w[o + 16 + 32 * n + l] >> (2 * j)) & 3
-                    y[i] = _f16(w, o + 80) * np.float32(sc & 15) * np.float32(q) - _f16(w, o + 82) * np.float32(sc >> 4)
+                    sc = w[o + 2 * c + h]
+                    dl = _f16(w, o + 80) * np.float32(sc & 15)
+                    ml = _f16(w, o + 82) * np.float32(sc >> 4)
+                    for l in range(h * 16, h * 16 + 16):
+                        y[i + l - h * 16] = dl * np.float32((w[o + 16 + 32 * n + l] >> (2 * j)) & 3) - ml
                 elif qtype == Q3_K:
                     o = b * 110
-                    q = np.int32((w[o + 32 + 32 * n + l] >> (2 * j)) & 3) | (((w[o + l] >> (4 * n + j)) & 1) << 2)
-                    y[i] = _f16(w, o + 108) * np.float32(_scale_q3_k(w, o + 96, 2 * c + l // 16) * (q - 4))
+                    dl = _f16(w, o + 108) * np.float32(_scale_q3_k(w, o + 96, 2 * c + h))
+                    for l in range(h * 16, h * 16 + 16):
+                        q = np.int32((w[o + 32 + 32 * n + l] >> (2 * j)) & 3) | (((w[o + l] >> (4 * n + j)) & 1) << 2)
+                        y[i + l - h * 16] = dl * np.float32(q - 4)
                 elif qtype == Q4_K or qtype == Q5_K:
                     o = b * 144 if qtype == Q4_K else b * 176
                     sc, m = _scale_min_k4(w, o + 4, c)
-                    if qtype == Q4_K:
-                        q = np.int32(w[o + 16 + 32 * (c // 2) + l] >> (4 * (c % 2))) & 15
-                    else:
-                        q = (np.int32(w[o + 48 + 32 * (c // 2) + l] >> (4 * (c % 2))) & 15) | (((w[o + 16 + l] >> c) & 1) << 4)
-                    y[i] = _f16(w, o) * np.float32(sc * q) - _f16(w, o + 2) * np.float32(m)
+                    dl = _f16(w, o) * np.float32(sc)
+                    ml = _f16(w, o + 2) * np.float32(m)
+                    qs = o + (16 if qtype == Q4_K else 48) + 32 * (c // 2)
+                    for l in range(h * 16, h * 16 + 16):
+                        q = np.int32(w[qs + l] >> (4 * (c % 2))) & 15
+                        if qtype == Q5_K:
+                            q |= ((w[o + 16 + l] >> c) & 1) << 4
+                        y[i + l - h * 16] = dl * np.float32(q) - ml
                 else:  # Q6_K
                     o = b * 210
-                    ql = np.int32(w[o + 64 * n + 32 * (j % 2) + l] >> (4 * (j // 2))) & 15
-                    qh = np.int32(w[o + 128 + 32 * n + l] >> (2 * j)) & 3
-                    sc = np.int32(np.int8(w[o + 192 + 8 * n + 2 * j + l // 16]))
-                    y[i] = _f16(w, o + 208) * np.float32(sc * ((ql | (qh << 4)) - 32))
+                    dl = _f16(w, o + 208) * np.float32(np.int8(w[o + 192 + 8 * n + 2 * j + h]))
+                    ql = o + 64 * n + 32 * (j % 2)
+                    for l in range(h * 16, h * 16 + 16):
+                        q = (np.int32(w[ql + l] >> (4 * (j // 2))) & 15) | ((np.int32(w[o + 128 + 32 * n + l] >> (2 * j)) & 3) << 4)
+                        y[i + l - h * 16] = dl * np.float32(q - 32)
 
 
 @njit(parallel=True, cache=True)
