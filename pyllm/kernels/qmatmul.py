@@ -181,30 +181,47 @@ def _dot_q5(typingctx, w, qhoff, qsoff, x, xoff):
     return types.int32(w, qhoff, qsoff, x, xoff), codegen
 
 
+def _kvalues(context, builder, sig, args):
+    """<32 x i8> value j = ((w[off+j] >> shift) & mask) | (((w[hoff+j] >> hshift) & hmask) << hpos)."""
+    w, off, shift, mask, hoff, hshift, hmask, hpos = args[:8]
+    wty = sig.args[0]
+    q = builder.and_(
+        builder.lshr(_load(context, builder, wty, w, off, 32), _bcast_i8(builder, shift, 32)),
+        _bcast_i8(builder, mask, 32),
+    )
+    h = builder.and_(
+        builder.lshr(_load(context, builder, wty, w, hoff, 32), _bcast_i8(builder, hshift, 32)),
+        _bcast_i8(builder, hmask, 32),
+    )  # hmask = 0 (no high bits): LLVM drops this load
+    return builder.or_(q, builder.shl(h, _bcast_i8(builder, hpos, 32)))
+
+
 @intrinsic
 def _dot_k(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff):
-    """K-quant chunk of 32 values, value j = ((w[off+j] >> shift) & mask) | (((w[hoff+j] >> hshift) & hmask) << hpos),
-    unsigned; returns the dots with x[xoff:] of values 0-15 and 16-31 (K-quants scale per 16 or 32)."""
+    """K-quant chunk of 32 unsigned values (see _kvalues) dotted with x[xoff:]: the dots of values 0-15 and
+    16-31, for the formats that scale per 16."""
 
     def codegen(context, builder, sig, args):
-        w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff = args
-        wty = sig.args[0]
-        q = builder.and_(
-            builder.lshr(_load(context, builder, wty, w, off, 32), _bcast_i8(builder, shift, 32)),
-            _bcast_i8(builder, mask, 32),
-        )
-        h = builder.and_(
-            builder.lshr(_load(context, builder, wty, w, hoff, 32), _bcast_i8(builder, hshift, 32)),
-            _bcast_i8(builder, hmask, 32),
-        )
-        q = builder.or_(q, builder.shl(h, _bcast_i8(builder, hpos, 32)))
-        xv = _load(context, builder, sig.args[8], x, xoff, 32)
+        q = _kvalues(context, builder, sig, args)
+        xv = _load(context, builder, sig.args[8], args[8], args[9], 32)
         # split the bytes, not the products: each half then matches vpdpbusd on its own
         (qlo, qhi), (xlo, xhi) = _halves(builder, q), _halves(builder, xv)
         sums = [_reduce_add(builder, _udot(builder, qlo, xlo)), _reduce_add(builder, _udot(builder, qhi, xhi))]
         return context.make_tuple(builder, types.UniTuple(types.int32, 2), sums)
 
     return types.UniTuple(types.int32, 2)(w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff), codegen
+
+
+@intrinsic
+def _dot_k32(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff):
+    """As _dot_k, one sum over all 32 values (formats that scale per 32: one reduction instead of two)."""
+
+    def codegen(context, builder, sig, args):
+        q = _kvalues(context, builder, sig, args)
+        xv = _load(context, builder, sig.args[8], args[8], args[9], 32)
+        return _reduce_add(builder, _udot(builder, q, xv))
+
+    return types.int32(w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,35 +363,35 @@ def _vd_q3_k(w, xq, xd, xs, xm):
 
 @njit(fastmath=_FM, cache=True)
 def _vd_q4_k(w, xq, xd, xs, xm):
-    acc = np.float32(0.0)
-    accm = np.float32(0.0)
-    for b in range(w.shape[0] // 144):
-        o = b * 144
-        d = _f16(w, o)
-        dmin = _f16(w, o + 2)
-        for c in range(8):
-            k = b * 8 + c
-            sc, m = _scale_min_k4(w, o + 4, c)
-            lo, hi = _dot_k(w, o + 16 + 32 * (c // 2), 4 * (c % 2), 15, o, 0, 0, 0, xq, k * 32)
-            acc += (d * xd[k]) * np.float32(sc * (lo + hi))
-            accm += (dmin * np.float32(m)) * xm[k]
-    return acc - accm
+    return _vd_q45_k(w, xq, xd, xm, 144, 16, 0)
 
 
 @njit(fastmath=_FM, cache=True)
 def _vd_q5_k(w, xq, xd, xs, xm):
+    return _vd_q45_k(w, xq, xd, xm, 176, 48, 1)
+
+
+@njit(fastmath=_FM, cache=True)
+def _vd_q45_k(w, xq, xd, xm, bs, qs, hmask):
+    # Q4_K (bs 144, nibbles at 16) and Q5_K (bs 176, nibbles at 48, bit c of the 32 bytes at 16 is bit 4)
     acc = np.float32(0.0)
     accm = np.float32(0.0)
-    for b in range(w.shape[0] // 176):
-        o = b * 176
+    for b in range(w.shape[0] // bs):
+        o = b * bs
         d = _f16(w, o)
         dmin = _f16(w, o + 2)
-        for c in range(8):
+        for c in range(4):  # chunks c and c + 4: their 6-bit scales and mins share bytes (get_scale_min_k4)
+            s = o + 4
             k = b * 8 + c
-            sc, m = _scale_min_k4(w, o + 4, c)
-            lo, hi = _dot_k(w, o + 48 + 32 * (c // 2), 4 * (c % 2), 15, o + 16, c, 1, 4, xq, k * 32)
-            acc += (d * xd[k]) * np.float32(sc * (lo + hi))
-            accm += (dmin * np.float32(m)) * xm[k]
+            q = o + qs + 32 * (c // 2)
+            sc_a = np.int32(w[s + c] & 63)
+            m_a = np.float32(w[s + c + 4] & 63)
+            sc_b = np.int32((w[s + c + 8] & 15) | ((w[s + c] >> 6) << 4))
+            m_b = np.float32((w[s + c + 8] >> 4) | ((w[s + c + 4] >> 6) << 4))
+            dot_a = _dot_k32(w, q, 4 * (c % 2), 15, o + 16, c, hmask, 4, xq, k * 32)
+            dot_b = _dot_k32(w, q + 64, 4 * (c % 2), 15, o + 16, c + 4, hmask, 4, xq, k * 32 + 128)
+            acc += (d * xd[k]) * np.float32(sc_a * dot_a) + (d * xd[k + 4]) * np.float32(sc_b * dot_b)
+            accm += dmin * (m_a * xm[k] + m_b * xm[k + 4])
     return acc - accm
 
 
