@@ -396,20 +396,27 @@ def _vd_q45_k(w, xq, xd, xm, bs, qs, hmask):
 
 
 @njit(fastmath=_FM, cache=True)
+def _q6_k_chunk(w, o, n, j, xq, xs, k):
+    # value = 4 low bits | 2 high bits << 4, minus 32; two signed 8-bit scales per chunk
+    lo, hi = _dot_k(w, o + 64 * n + 32 * (j % 2), 4 * (j // 2), 15, o + 128 + 32 * n, 2 * j, 3, 4, xq, k * 32)
+    sa = np.int32(np.int8(w[o + 192 + 8 * n + 2 * j]))
+    sb = np.int32(np.int8(w[o + 193 + 8 * n + 2 * j]))
+    return sa * (lo - 32 * xs[2 * k]) + sb * (hi - 32 * xs[2 * k + 1])
+
+
+@njit(fastmath=_FM, cache=True)
 def _vd_q6_k(w, xq, xd, xs, xm):
     acc = np.float32(0.0)
     for b in range(w.shape[0] // 210):
         o = b * 210
         d = _f16(w, o + 208)
-        for c in range(8):
-            k = b * 8 + c
-            n, j = c // 4, c % 4
-            # value = 4 low bits | 2 high bits << 4, minus 32
-            lo, hi = _dot_k(w, o + 64 * n + 32 * (j % 2), 4 * (j // 2), 15, o + 128 + 32 * n, 2 * j, 3, 4, xq, k * 32)
-            sa = np.int32(np.int8(w[o + 192 + 8 * n + 2 * j]))
-            sb = np.int32(np.int8(w[o + 193 + 8 * n + 2 * j]))
-            isum = sa * (lo - 32 * xs[2 * k]) + sb * (hi - 32 * xs[2 * k + 1])
-            acc += (d * xd[k]) * np.float32(isum)
+        for n in range(2):
+            k = b * 8 + 4 * n
+            # the four chunks of a half written out: their shifts become constants
+            acc += (d * xd[k]) * np.float32(_q6_k_chunk(w, o, n, 0, xq, xs, k))
+            acc += (d * xd[k + 1]) * np.float32(_q6_k_chunk(w, o, n, 1, xq, xs, k + 1))
+            acc += (d * xd[k + 2]) * np.float32(_q6_k_chunk(w, o, n, 2, xq, xs, k + 2))
+            acc += (d * xd[k + 3]) * np.float32(_q6_k_chunk(w, o, n, 3, xq, xs, k + 3))
     return acc
 
 
