@@ -80,6 +80,9 @@ def _utf8(s: str) -> bytes:
             return s.encode("utf-8", "surrogatepass")
 
 
+_UTF8_LEN = (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4)  # llama.cpp unicode_len_utf8, by high nibble
+
+
 def _valid_text(text: str) -> str:
     """Input text as llama.cpp sees it: bytes that are not UTF-8 become U+FFFD, one per byte."""
     try:
@@ -326,7 +329,8 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """Token ids of `text`, as llama_tokenize(text, add_special, parse_special)."""
         out: list[int] = []
-        text = _valid_text(text)
+        if self.model == "gpt2":
+            text = _valid_text(text)  # llama.cpp's BPE pre-tokenizer sees U+FFFD for invalid bytes
         if add_special and self.add_bos:
             out.append(self.bos_id)
         frags = self._partition(text, parse_special) if text else []
@@ -337,7 +341,13 @@ class Tokenizer:
                 if type(f) is str:
                     if self.add_space_prefix and prev_special:
                         f = " " + f
-                    engine.encode(f.replace(" ", "\u2581"), out)
+                    f = f.replace(" ", "\u2581")
+                    try:
+                        f.encode("utf-8")
+                    except UnicodeEncodeError:
+                        self._spm_invalid_utf8(f, out)
+                    else:
+                        engine.encode(f, out)
                     prev_special = False
                 else:
                     out.append(f)
@@ -351,6 +361,34 @@ class Tokenizer:
         if add_special and self.add_eos:
             out.append(self.eos_id)
         return out
+
+    def _spm_invalid_utf8(self, f: str, out: list[int]) -> None:
+        """SPM fragment with (surrogate-escaped) invalid UTF-8, as llama.cpp's SPM session sees it.
+
+        llama.cpp cuts the bytes into symbols by the lead byte's length (unicode_len_utf8); a symbol that
+        is not valid UTF-8 can never merge into a token and comes out as byte tokens. The valid stretches
+        between such symbols go through sentencepiece as usual.
+        """
+        raw = _utf8(f)
+        t2i = self._token_to_id
+        i = run = 0
+        n = len(raw)
+        while i < n:
+            m = min(_UTF8_LEN[raw[i] >> 4], n - i)
+            sym = raw[i:i + m]
+            try:
+                sym.decode("utf-8")
+            except UnicodeDecodeError:
+                if run < i:
+                    self._engine.encode(raw[run:i].decode("utf-8"), out)
+                for b in sym:
+                    tid = t2i.get(f"<0x{b:02X}>")
+                    if tid is not None:
+                        out.append(tid)
+                run = i + m
+            i += m
+        if run < n:
+            self._engine.encode(raw[run:].decode("utf-8"), out)
 
     # ------------------------------------------------------------------ decode
     def token_bytes(self, token_id: int, special: bool = True) -> bytes:
