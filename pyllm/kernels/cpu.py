@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 from .qmatmul import get_rows, matmul  # noqa: F401  (part of the backend interface)
 
@@ -29,51 +30,22 @@ def kv_encode(cache, value):
     raise NotImplementedError
 
 
-@njit
-def _half_to_float(h):
-    """IEEE binary16 bit pattern (uint16) -> float32, including subnormals, inf and NaN."""
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mant = h & np.uint32(0x3FF)
-    if exp == 0:
-        # zero or subnormal: mant * 2^-24
-        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
-        return -v if sign else v
-    if exp == 31:
-        bits = sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
-    else:
-        bits = sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
-    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+@intrinsic
+def _half_to_float(typingctx, h):
+    """IEEE binary16 bit pattern (uint16) -> float32: one vcvtph2ps, exact for every value."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
 
 
-@njit
-def _float_to_half(f):
-    """float32 -> IEEE binary16 bit pattern with round-to-nearest-even (as numpy's astype(float16))."""
-    bits = np.array([f], dtype=np.float32).view(np.uint32)[0]
-    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
-    exp = np.int32((bits >> np.uint32(23)) & np.uint32(0xFF)) - 127 + 15
-    mant = bits & np.uint32(0x7FFFFF)
-    if exp >= 31:
-        if ((bits >> np.uint32(23)) & np.uint32(0xFF)) == 255 and mant != 0:
-            return np.uint16(sign | np.uint32(0x7E00))  # NaN
-        return np.uint16(sign | np.uint32(0x7C00))  # overflow -> inf
-    if exp <= 0:
-        if exp < -10:
-            return np.uint16(sign)
-        mant = mant | np.uint32(0x800000)
-        shift = np.uint32(14 - exp)
-        half = mant >> shift
-        rem = mant & ((np.uint32(1) << shift) - np.uint32(1))
-        halfway = np.uint32(1) << (shift - np.uint32(1))
-        if rem > halfway or (rem == halfway and (half & np.uint32(1))):
-            half += np.uint32(1)
-        return np.uint16(sign | half)
-    half = (np.uint32(exp) << np.uint32(10)) | (mant >> np.uint32(13))
-    rem = mant & np.uint32(0x1FFF)
-    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (half & np.uint32(1))):
-        half += np.uint32(1)  # may carry into the exponent, which is the correct rounding
-    return np.uint16(sign | half)
+@intrinsic
+def _float_to_half(typingctx, f):
+    """float32 -> binary16 bit pattern, rounded to nearest even (as numpy's astype(float16))."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
 
 
 @overload(kv_load)
@@ -86,7 +58,7 @@ def _kv_load(x):
 @overload(kv_encode)
 def _kv_encode(cache, value):
     if cache.dtype == types.uint16:
-        return lambda cache, value: _float_to_half(value)
+        return lambda cache, value: _float_to_half(np.float32(value))
     return lambda cache, value: np.float32(value)
 
 
