@@ -24,4 +24,6 @@ class ContextError(PyllmError):
 
 
 class TemplateError(PyllmError):
-    """An unsafe or broken chat template."""
+    """An unsafe or broken chat template (from the GGUF or --chat-template: bad input, like a bad file)."""
+
+    exit_code = 2
