@@ -168,6 +168,15 @@ def _block32_dots(context, builder, wty, w, o, xqty, xq, xoff, qtype, vnni):
     return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
 
 
+_PORTABLE_IR = False  # tests set it to compile the portable IR on a VNNI machine
+
+
+def _use_vnni(context):
+    # the CPU numba compiles for (and keys its cache on), not necessarily this machine
+    features = context.codegen()._get_host_cpu_features()
+    return not _PORTABLE_IR and "+avx512vnni" in features and "+avx512vl" in features
+
+
 @intrinsic(prefer_literal=True)
 def _row_dot32(typingctx, qtype, w, xq, xd, xm):
     """Dot of one row of a legacy 32-block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with quantized activations.
@@ -183,9 +192,7 @@ def _row_dot32(typingctx, qtype, w, xq, xd, xm):
         kind = sig.args[0].literal_value
         bs, _, _, m_off, offset = _BLOCK32[kind]
         wty, xqty = sig.args[1], sig.args[2]
-        # what numba compiles for (and keys its cache on), not necessarily this machine
-        features = context.codegen()._get_host_cpu_features()
-        vnni = "+avx512vnni" in features and "+avx512vl" in features
+        vnni = _use_vnni(context)
         f32, v8f = ir.FloatType(), _vec(ir.FloatType(), 8)
         n = cgutils.unpack_tuple(builder, context.make_array(wty)(context, builder, w).shape)[0]
         xd_data = context.make_array(sig.args[3])(context, builder, xd).data
