@@ -80,7 +80,7 @@ class Chat:
         self.turns.append({"role": "user", "content": text})
         try:
             prompt = self._fit()
-        except PyllmError:
+        except BaseException:  # also Ctrl-C: a message never answered must not stay
             self.turns.pop()
             raise
         return self._reply(prompt)
@@ -92,7 +92,7 @@ class Chat:
         last = self.turns.pop() if self.turns[-1]["role"] == "assistant" else None
         try:
             prompt = self._fit()
-        except PyllmError:
+        except BaseException:
             if last is not None:
                 self.turns.append(last)
             raise
@@ -135,14 +135,14 @@ class Chat:
 
     def _reply(self, prompt: list[int]) -> Iterator[str]:
         opening = len(self.turns) == 1  # the first prompt of a conversation: worth a prompt cache entry
-        if opening and self.prompt_cache is not None:
-            self.prompt_cache.restore(self.model, self.cache, prompt)
         self.stats = stats = Stats()
         room = self.n_ctx - len(prompt)
         limit = min(self.max_tokens, room) if self.max_tokens > 0 else room
         tokens = generate(self.model, self.cache, prompt, self.sampler, max_tokens=limit, stats=stats)
         pieces = []
         try:
+            if opening and self.prompt_cache is not None:
+                self.prompt_cache.restore(self.model, self.cache, prompt)
             for piece in stream_text(self.model.tokenizer, tokens):
                 pieces.append(piece)
                 yield piece

@@ -232,8 +232,9 @@ class Terminal:
     def finish(self) -> dict:
         self.p.expect(STATS)
         self.reply = self.p.before  # the echoed message and the reply
+        stats = dict(zip(("prefill", "reused", "generated", "context"), map(int, self.p.match.groups())))
         self.prompt()
-        return dict(zip(("prefill", "reused", "generated", "context"), map(int, self.p.match.groups())))
+        return stats
 
     def command(self, line: str, expect: str):
         self.p.sendline(line)
