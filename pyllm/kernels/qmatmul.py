@@ -3,7 +3,8 @@
 matmul(w, x) = x @ W.T with W still in its GGUF encoding, two ways:
 - small T (decode): x is quantized to int8 blocks of 32 (one float scale each, plus int sums per 16) and every
   weight block is dotted with integer SIMD (vpdpbusd on AVX-512 VNNI), as llama.cpp does. Memory-bound: each
-  weight byte is read once, and a row stays in L1 while it meets all T activations.
+  weight byte is read once, and a row stays in L1 while it meets all T activations. Legacy 32-blocks keep
+  their partial sums in a float vector across the row (one horizontal sum per row, not per block).
 - large T (prefill): each thread dequantizes 16 rows to a small float32 tile and multiplies it with all T
   activations in a register-blocked float loop (4 rows x 4 tokens). Compute-bound; measured faster than
   numpy/OpenBLAS on this 2-core machine, whose OpenBLAS threads stall under load.
@@ -11,8 +12,9 @@ matmul(w, x) = x @ W.T with W still in its GGUF encoding, two ways:
 numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
 after unrolling the 16-32 wide inner loop, vectorizes across blocks with byte gathers), so the block dots are
 written as LLVM vector IR through numba intrinsics: generic IR that LLVM lowers to the host's best
-instructions. Three jitted entry points serve every type, dispatching on qtype inside numba, so a model pays
-the cache load (~0.1-0.2 s each) once, not per type.
+instructions, plus the VNNI instruction itself where numba compiles for a CPU that has it. Three jitted entry
+points serve every type, dispatching on qtype inside numba, so a model pays the cache load once, not per type.
+Speed per type and shape: bench/bench_qmatmul.py.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 _FLOAT_TYPES = (F32, F16, BF16)
 
-# Below this many activation rows the int8 kernel wins; at and above it, float tiles (measured crossover T=4-8
-# across types, single thread: the float path pays a fixed dequantization of the whole matrix per call).
-PREFILL_MIN_T = 6
+# Below this many activation rows the int8 kernel wins; at and above it, float tiles. The float path pays a
+# dequantization of the whole matrix per call; measured crossovers (1 thread): T=7 Q5_0 and Q4_K, 9 Q6_K,
+# 14-16 Q4_1 and Q8_0.
+PREFILL_MIN_T = 8
 
 # fastmath without nnan/ninf: a NaN or inf in the activations must come out, not be optimized away.
 _FM = {"contract", "reassoc", "arcp", "afn", "nsz"}
