@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except PyllmError as e:
         if verbose:
             raise
@@ -56,3 +56,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pyllm: internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    if code:  # without standalone mode, typer returns the code of a typer.Exit (and 130 for Ctrl-C) instead of exiting
+        sys.exit(code)
