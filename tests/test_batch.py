@@ -1,0 +1,206 @@
+"""pyllm batch: the continuous-batching scheduler (library) and the command in real pipelines (subprocesses)."""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tiny import write_tiny_model
+
+from pyllm.batch import ContinuousBatch, Request, generate_batch
+from pyllm.generate import Stats, generate, stream_text
+from pyllm.model import Model
+from pyllm.sampling import Sampler
+
+PYLLM = [sys.executable, "-m", "pyllm"]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return str(write_tiny_model(tmp_path_factory.mktemp("batch") / "tiny.gguf"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return Model(tiny_path, device="cpu")
+
+
+def prompts(model, n):
+    """Prompts of different lengths (so sequences join and leave the batch at different steps)."""
+    words = "the cat sat on a mat while two dogs ran after one ball in the park".split()
+    return [model.tokenize(" ".join(words[: 2 + (3 * i) % 11]) + f" {i}") for i in range(n)]
+
+
+def alone(model, prompt, max_tokens, stop=()):
+    """The reference: one sequence through generate() in a cache of its own."""
+    stats = Stats()
+    tokens = list(generate(model, model.new_cache(256), prompt, Sampler(temperature=0.0), max_tokens=max_tokens,
+                           stats=stats))
+    return tokens, "".join(stream_text(model.tokenizer, tokens, stop)), stats.finish_reason
+
+
+@pytest.mark.parametrize("n_parallel", [1, 3, 5])
+def test_greedy_output_does_not_depend_on_the_batch(tiny, n_parallel):
+    ps = prompts(tiny, 9)
+    budgets = [4 + (5 * i) % 9 for i in range(len(ps))]
+    requests = [Request(p, max_tokens=n, id=i) for i, (p, n) in enumerate(zip(ps, budgets))]
+    results = list(generate_batch(tiny, requests, n_parallel=n_parallel, n_ctx=256))
+    assert sorted(r.id for r in results) == list(range(len(ps)))
+    for r in results:
+        tokens, text, reason = alone(tiny, ps[r.id], budgets[r.id])
+        assert r.tokens == tokens, f"prompt {r.id} differs in a batch of {n_parallel}"
+        assert (r.text, r.stats.finish_reason, r.stats.n_generated) == (text, reason, len(tokens))
+        assert r.stats.n_reused + r.stats.n_prefill == len(ps[r.id])
+
+
+def test_sequences_leave_and_join_at_every_step(tiny):
+    """Short requests finish first (results come as they end); freed slots take the waiting prompts."""
+    ps = prompts(tiny, 6)
+    budgets = [12, 1, 2, 12, 3, 1]
+    batch = ContinuousBatch(tiny, 2, n_ctx=256)
+    requests = iter([Request(p, max_tokens=n, id=i) for i, (p, n) in enumerate(zip(ps, budgets))])
+    results = list(batch.run(lambda block: next(requests, None)))
+    assert [r.stats.finish_reason for r in results] == ["length"] * 6
+    # 0 runs; 1 ends on its prefill; 2 joins and ends after step 1; 3 joins then and ends after step 12;
+    # 0 ends after step 11, 4 joins and needs 2 steps; 5 (joining after step 12) ends on its prefill
+    assert [r.id for r in results] == [1, 2, 0, 3, 5, 4]
+    assert batch.running == {} and batch.n_decoded == 11 + 1 + 11 + 2
+
+
+def test_shared_prefix_is_not_prefilled_again(tiny):
+    system = tiny.tokenize("you are a cat that sat on a mat while two dogs ran")
+    requests = [Request(system + tiny.tokenize(f" {w}", add_special=False), max_tokens=2, id=w)
+                for w in ("ball", "park", "one")]
+    results = list(generate_batch(tiny, requests, n_parallel=1, n_ctx=256))
+    assert results[0].stats.n_reused == 0
+    for r in results[1:]:  # at least the shared part, never the whole prompt (its last token gives the logits)
+        assert len(system) <= r.stats.n_reused < r.stats.n_reused + r.stats.n_prefill
+    prompt_of = {q.id: q.prompt for q in requests}
+    for r in results:
+        assert r.tokens == alone(tiny, prompt_of[r.id], 2)[0]
+
+
+def test_stop_strings_and_bad_requests(tiny):
+    p = prompts(tiny, 1)[0]
+    full = alone(tiny, p, 12)[1]
+    stop = full[4:6]
+    assert stop, "the tiny model's text is too short for this test"
+    requests = [Request(p, max_tokens=12, stop=[stop], id="stop"), Request(p * 100, max_tokens=3, id="long"),
+                Request([], max_tokens=3, id="empty"), Request(p, max_tokens=0, id="none")]
+    results = {r.id: r for r in generate_batch(tiny, requests, n_parallel=2, n_ctx=64)}
+    assert results["stop"].text == full[: full.find(stop)] == alone(tiny, p, 12, [stop])[1]
+    assert results["stop"].stats.finish_reason == "stop"
+    assert "context" in results["long"].error and results["long"].stats.finish_reason == "error"
+    assert "empty" in results["empty"].error
+    assert (results["none"].tokens, results["none"].stats.finish_reason) == ([], "length")
+
+
+def test_sequence_ends_at_the_context_size(tiny):
+    p = prompts(tiny, 1)[0]
+    (r,) = generate_batch(tiny, [Request(p, max_tokens=100)], n_parallel=1, n_ctx=len(p) + 5)
+    assert r.stats.finish_reason == "context" and len(r.tokens) == 6
+
+
+# --- the command, in real pipelines ------------------------------------------------------------------------
+
+def sh(script, **kw):
+    return subprocess.run(["bash", "-o", "pipefail", "-c", script], capture_output=True, text=True, timeout=300,
+                          **kw)
+
+
+def batch_cmd(tiny_path, *args):
+    return " ".join([sys.executable, "-m", "pyllm", "batch", tiny_path, "--temp", "0", *args])
+
+
+def test_one_text_line_per_prompt(tiny_path):
+    r = sh(f"printf 'a\\nb\\nc\\n' | {batch_cmd(tiny_path, '-n', '4', '--format', 'text')} | wc -l")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "3"
+
+
+def test_jsonl_with_a_broken_line(tiny_path, tmp_path):
+    lines = ['{"prompt": "the cat", "id": "first", "max_tokens": 3}', "plain text prompt",
+             '{"prompt": "broken',
+             '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "seed": 3, "temperature": 0.5}',
+             "", '{"prompt": "x", "top_p": 7}', '{"prompt": "the dog", "stop": ["zz"]}']
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    r = subprocess.run(PYLLM + ["batch", tiny_path, "-i", str(f), "-n", "3", "--temp", "0"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["id"] for rec in records] == ["first", 2, 3, 4, 6, 7]  # input order; the blank line is skipped
+    errors = {rec["id"]: rec["error"] for rec in records if "error" in rec}
+    assert set(errors) == {3, 6}
+    assert "JSON" in errors[3] and "top_p" in errors[6]
+    for rec in records:
+        if "error" not in rec:
+            assert rec["finish_reason"] in ("stop", "length") and rec["completion_tokens"] <= 3
+            assert rec["prompt_tokens"] > 0 and isinstance(rec["text"], str)
+    assert "line 3:" in r.stderr and "Traceback" not in r.stderr
+    assert "2 of 6 prompts failed" in r.stderr
+
+
+def test_consumer_that_closes_early(tiny_path):
+    r = sh(f"printf 'one\\ntwo\\nthree\\nfour\\nfive\\nsix\\n' | {batch_cmd(tiny_path, '-n', '3', '--parallel', '2')}"
+           " | head -n 1")
+    assert r.returncode == 0, r.stderr  # pipefail: pyllm itself exited 0
+    assert len(r.stdout.splitlines()) == 1 and json.loads(r.stdout)["id"] == 1
+    assert r.stderr == ""
+
+
+def read_line(proc, timeout=120):
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no result within the timeout"
+    return proc.stdout.readline()
+
+
+def test_reads_stdin_as_it_arrives_and_sigint_exits_130(tiny_path):
+    proc = subprocess.Popen(PYLLM + ["batch", tiny_path, "--temp", "0", "-n", "2", "--format", "text"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for prompt in ("first", "second"):
+            proc.stdin.write(prompt + "\n")
+            proc.stdin.flush()
+            assert read_line(proc)  # answered while stdin is still open
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+def test_unordered_results_and_option_errors(tiny_path, tmp_path):
+    f = tmp_path / "in.txt"
+    f.write_text("".join(f'{{"prompt": "p{i}", "max_tokens": {8 - 3 * i}}}\n' for i in range(3)))
+    r = subprocess.run(PYLLM + ["batch", tiny_path, "-i", str(f), "--unordered", "--temp", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(rec["id"] for rec in records) == [1, 2, 3]
+    assert [rec["completion_tokens"] for rec in sorted(records, key=lambda rec: rec["id"])] == [8, 5, 2]
+    assert records[0]["id"] == 3  # the shortest ends first and is written at once
+    for args in (["--format", "xml"], ["-i", str(tmp_path / "missing.txt")], ["--parallel", "0"]):
+        r = subprocess.run(PYLLM + ["batch", tiny_path, "-i", str(f)] + args, capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL)
+        assert r.returncode != 0 and r.stdout == ""
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_output_keeps_input_order_and_drains_on_interrupt(capfdbinary):
+    from pyllm.cli.batch import Output
+
+    out = Output("jsonl", ordered=True)
+    out.put(1, "b", {"text": "B"})
+    out.put(3, "d", {"text": "D"})
+    assert capfdbinary.readouterr().out == b""  # waiting for record 0
+    out.put(0, "a", {"text": "A"})
+    assert [json.loads(line)["id"] for line in capfdbinary.readouterr().out.splitlines()] == ["a", "b"]
+    out.drain()  # Ctrl-C: what is finished goes out even though record 2 never came
+    assert [json.loads(line)["id"] for line in capfdbinary.readouterr().out.splitlines()] == ["d"]
+    text = Output("text", ordered=False)
+    text.put(5, "x", {"text": "two\nlines \\ here"})
+    assert capfdbinary.readouterr().out == b"two\\nlines \\\\ here\n"
