@@ -16,9 +16,13 @@ import struct
 
 import numpy as np
 
+from ..errors import GGUFError
+
 # sentencepiece_model.proto field numbers
 _PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_BYTE = 1, 2, 6
 _MODEL_BPE = 2
+MAX_PIECE_BYTES = 7999  # sentencepiece refuses longer pieces ("piece is too long")
+BYTE_PIECES = frozenset(f"<0x{b:02X}>" for b in range(256))  # spelled as sentencepiece and llama.cpp spell them
 
 
 def _varint(n: int) -> bytes:
@@ -43,29 +47,17 @@ def _len_prefixed(tag: bytes, payload: bytes) -> bytes:
     return tag + (_VARINT_1B[n] if n < 128 else _varint(n)) + payload
 
 
-def _pieces_loop(tokens, score_bytes: bytes, types: list[int]) -> bytes:
-    type_tail = [b"\x18" + bytes([t]) for t in range(7)]
-    parts = []
-    for i, tok in enumerate(tokens):
-        pb = tok.encode("utf-8", "surrogatepass")
-        body = _len_prefixed(b"\x0a", pb) + b"\x15" + score_bytes[4 * i: 4 * i + 4] + type_tail[types[i]]
-        parts.append(_len_prefixed(b"\x0a", body))
-    return b"".join(parts)
-
-
 def _pieces_numpy(tokens, scores: np.ndarray, types: np.ndarray) -> bytes:
     """The repeated `pieces` field, laid out with numpy: ~10x faster than a Python loop for 262k pieces.
 
     Each record: 0x0A varint(B) | 0x0A varint(L) piece[L] | 0x15 score[4] | 0x18 type   (B = body size)
-    Varints here are 1 or 2 bytes (sizes < 16384).
+    Varints here are 1 or 2 bytes: sizes < 16384, as pieces are at most MAX_PIECE_BYTES.
     """
     enc = [t.encode("utf-8", "surrogatepass") for t in tokens]
     blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
     L = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
     vl = 1 + (L >= 128)
     B = 1 + vl + L + 7
-    if len(B) and B.max() >= 16384:
-        raise ValueError("piece too long for 2-byte varints")
     vb = 1 + (B >= 128)
     rec = 1 + vb + B
     end = np.cumsum(rec)
@@ -103,17 +95,16 @@ def build_model_proto(tokens: list[str], scores: np.ndarray, is_byte: np.ndarray
     types = np.full(n, _PIECE_NORMAL, dtype=np.int64)
     types[is_byte] = _PIECE_BYTE
     extra = b""
-    if unk_id is not None and 0 <= unk_id < n:
+    # a byte piece cannot also be the unknown piece: byte fallback needs all 256
+    if unk_id is not None and 0 <= unk_id < n and not is_byte[unk_id]:
         types[unk_id] = _PIECE_UNKNOWN
+        unk = unk_id
     else:
         # sentencepiece needs exactly one unknown piece; add one that no text can produce
         extra = _len_prefixed(b"\x0a", _len_prefixed(b"\x0a", "<pyllm-unk>".encode()) + b"\x18\x02")
-    try:
-        pieces = _pieces_numpy(tokens, scores, types)
-    except ValueError:  # a piece of 16 KiB or more: varints longer than 2 bytes
-        pieces = _pieces_loop(tokens, np.ascontiguousarray(scores, dtype="<f4").tobytes(), types.tolist())
+        unk = n
+    pieces = _pieces_numpy(tokens, scores, types)
     has_bytes = bool(is_byte.any())
-    unk = unk_id if (unk_id is not None and 0 <= unk_id < n) else n
     trainer = (
         b"\x18" + _varint(_MODEL_BPE)          # model_type = BPE
         + b"\x20" + _varint(n + (1 if extra else 0))  # vocab_size
@@ -132,10 +123,30 @@ def build_model_proto(tokens: list[str], scores: np.ndarray, is_byte: np.ndarray
     return b"".join([pieces, extra, _len_prefixed(b"\x12", trainer), _len_prefixed(b"\x1a", normalizer)])
 
 
+def check_pieces(tokens: list[str], is_byte: np.ndarray) -> None:
+    """GGUFError for what sentencepiece would refuse to load, found here so that a bad vocabulary fails when
+    the tokenizer is made, not at its first encode. The byte pieces' texts are already known to be BYTE_PIECES."""
+    n_bytes = int(np.count_nonzero(is_byte))
+    if 0 < n_bytes < 256:
+        missing = min(BYTE_PIECES.difference(tokens[i] for i in np.nonzero(is_byte)[0].tolist()))
+        raise GGUFError(f"tokenizer.ggml.tokens has BYTE tokens for only {n_bytes} of the 256 bytes (none is "
+                        f"{missing}), but SentencePiece byte fallback needs all of them")
+    if "\x00" in "".join(tokens):
+        i = next(i for i, t in enumerate(tokens) if "\x00" in t)
+        raise GGUFError(f"tokenizer.ggml.tokens[{i}] contains a NUL character, which a SentencePiece piece cannot hold")
+    if max(map(len, tokens)) * 4 > MAX_PIECE_BYTES:  # at most 4 bytes per character: only then look closer
+        for i, t in enumerate(tokens):
+            size = len(t.encode("utf-8", "surrogatepass"))
+            if size > MAX_PIECE_BYTES:
+                raise GGUFError(f"tokenizer.ggml.tokens[{i}] is {size} bytes long; a SentencePiece piece has at "
+                                f"most {MAX_PIECE_BYTES}")
+
+
 class SPMEngine:
     """Encodes raw text fragments (already split on special tokens) with sentencepiece."""
 
     def __init__(self, tokens: list[str], scores: np.ndarray, is_byte: np.ndarray, unk_id: int | None):
+        check_pieces(tokens, is_byte)
         self._args = (tokens, scores, is_byte, unk_id)
         self._sp = None  # built on first use: ~0.5 s for a 262k vocab, and not needed to decode
 
@@ -145,7 +156,12 @@ class SPMEngine:
 
             proto = build_model_proto(*self._args)
             sp = sentencepiece.SentencePieceProcessor()
-            sp.LoadFromSerializedProto(proto)
+            try:
+                sp.LoadFromSerializedProto(proto)
+            except (RuntimeError, UnicodeDecodeError) as e:  # a rule check_pieces does not know
+                # sentencepiece's message quotes the piece, and fails to decode when that is not UTF-8
+                reason = str(e).removeprefix("INTERNAL: ") if isinstance(e, RuntimeError) else "a piece is not UTF-8"
+                raise GGUFError(f"tokenizer.ggml.tokens: sentencepiece refuses this vocabulary: {reason}") from None
             self._sp = sp
         return self._sp
 

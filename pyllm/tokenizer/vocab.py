@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import GGUFError, UnsupportedError
 from . import pretokenize
 from .bpe import BPEEngine, byte_decode
-from .spm import SPMEngine
+from .spm import BYTE_PIECES, SPMEngine
 
 # llama_token_attr bits
 ATTR_UNDEFINED = 0
@@ -92,6 +92,15 @@ def _valid_text(text: str) -> str:
         return _utf8(text).decode("utf-8", "pyllm-llama-replace")
 
 
+def _check_byte_tokens(tokens: list[str], attrs: np.ndarray) -> None:
+    """GGUFError for a BYTE token that is not <0xNN>: its byte is read from that text when decoding."""
+    for i in np.nonzero(attrs & ATTR_BYTE)[0].tolist():  # a few hundred at most in real vocabularies
+        if tokens[i] not in BYTE_PIECES:
+            shown = repr(tokens[i][:40]) + ("..." if len(tokens[i]) > 40 else "")
+            raise GGUFError(f"tokenizer.ggml.tokens[{i}] = {shown} has token_type BYTE but is not of the form "
+                            f"<0xNN> (two upper-case hex digits)")
+
+
 def _get_array(meta: dict, key: str, n: int, dtype) -> np.ndarray | None:
     v = meta.get(key)
     if v is None:
@@ -130,11 +139,12 @@ class Tokenizer:
             raise GGUFError("tokenizer.ggml.tokens is missing or empty")
         tokens = [str(t) for t in tokens] if not isinstance(tokens, list) else tokens
         n = len(tokens)
-        if not all(tokens):  # llama.cpp renames empty entries
+        token_to_id = dict(zip(tokens, range(n)))
+        if "" in token_to_id:  # llama.cpp renames empty entries
             tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+            token_to_id = dict(zip(tokens, range(n)))
         self._tokens = tokens
         self.n_vocab = n
-        token_to_id = dict(zip(tokens, range(n)))
         if len(token_to_id) != n:
             seen: dict[str, int] = {}
             for i, t in enumerate(tokens):
@@ -271,6 +281,7 @@ class Tokenizer:
         special.sort(key=lambda i: -len(_utf8(tokens[i])))
         self._special = [(tokens[i], i, bool(attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN))) for i in special]
 
+        _check_byte_tokens(tokens, attrs)
         if model == "gpt2":
             merges = meta.get(_K + "merges")
             if merges is None:
