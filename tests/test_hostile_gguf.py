@@ -328,20 +328,15 @@ def test_spm_vocabulary_loads(tmp_path, g):
     assert tok.decode(tok.encode("the A")) == "the A"
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, ValueError), reason=(
-    "tokenizer (not this module): a BYTE-typed token whose text is not <0xNN> reaches sentencepiece's "
-    "LoadFromSerializedProto at the first encode (RuntimeError 'byte piece ... is invalid' / 'there are not 256 "
-    "byte pieces'; UnicodeDecodeError when the text is not UTF-8) and int(text[3:5], 16) in Tokenizer._piece at "
-    "decode (ValueError)"))
+@both_loaders
 @pytest.mark.parametrize("text", ["<0xZZ>", "<0x4", "A", "\udcff"])
-def test_spm_byte_token_with_bad_text(tmp_path, g, text):
+def test_spm_byte_token_with_bad_text(tmp_path, g, loader, text):
+    """Refused when the tokenizer is made (sentencepiece would refuse it at the first encode, and the
+    decoder reads the byte from the text), and check_model says so."""
     p = write(tmp_path, spm_vocab(g, text))
-    try:
-        tok = pyllm.load_tokenizer(p)
-        tok.decode(tok.encode("the A"))
-        tok.decode(list(range(tok.n_vocab)))
-    except GGUFError as e:
-        assert str(e).startswith(f"{p}: ")
+    refused(p, r"tokenizer\.ggml\.tokens\[68\] = .* has token_type BYTE but is not of the form <0xNN>", loader)
+    checks = {name: ok for name, ok, _ in check_model(p)}
+    assert checks["tokenizer"] is False
 
 
 # --- the command line ----------------------------------------------------------------------------------------
