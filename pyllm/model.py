@@ -47,6 +47,13 @@ class Model:
     def detokenize(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
+    def chat_template(self, override: str | None = None):
+        """The chat template (override text or built-in name > the GGUF's > a built-in that fits), checked
+        against the vocabulary; None when the model has none (a base model: prompts go in as plain text)."""
+        from .validate import chat_template_for
+
+        return chat_template_for(self.metadata, self.tokenizer, override)
+
     # --- evaluation ------------------------------------------------------------------------------------
     def new_cache(self, n_ctx: int | None = None, n_slots: int = 1, kv_type: str = "f16") -> KVCache:
         return KVCache(self.config, n_ctx or min(self.config.ctx_train, 4096), n_slots, kv_type,

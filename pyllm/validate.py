@@ -21,16 +21,16 @@ _SAMPLE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
 
 
-def chat_template_for(meta: dict, tokenizer):
-    """The model's chat template (or None when it has none and no built-in fits), refused with a
-    TemplateError when its rendering of a conversation contains special-token markers the vocabulary lacks
-    (the model would read them as plain text and never see a turn boundary)."""
+def chat_template_for(meta: dict, tokenizer, override: str | None = None):
+    """The chat template to use (override > the GGUF's > a built-in that fits), or None when there is none,
+    refused with a TemplateError when its rendering of a conversation contains special-token markers the
+    vocabulary lacks (the model would read them as plain text and never see a turn boundary)."""
     from .chat_template import ChatTemplate
 
     try:
-        template = ChatTemplate.for_model(meta)
+        template = ChatTemplate.for_model(meta, override)
     except TemplateError:
-        if meta.get("tokenizer.chat_template"):
+        if override or meta.get("tokenizer.chat_template"):
             raise
         return None  # no template in the file and no built-in fits: prompts go in as plain text
     try:

@@ -176,8 +176,11 @@ def test_bad_conversation_files_are_one_clear_error(tmp_path):
 def test_model_without_template_names_the_option():
     from pyllm.cli.chat import chat_template
 
-    model = SimpleNamespace(metadata={"general.architecture": "llama", "tokenizer.ggml.tokens": ["a", "b"]},
-                            path="/m/base.gguf")
+    from pyllm.validate import chat_template_for
+
+    meta = {"general.architecture": "llama", "tokenizer.ggml.tokens": ["a", "b"]}
+    model = SimpleNamespace(metadata=meta, path="/m/base.gguf",
+                            chat_template=lambda override: chat_template_for(meta, None, override))
     with pytest.raises(PyllmError, match="base.gguf has no chat template.*--chat-template FILE"):
         chat_template(model, None)
 
@@ -203,7 +206,8 @@ def test_chat_template_file_overrides_the_models(tiny_path, tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{{ raise_exception('custom template in use') }}")
     r = pyllm_chat(tiny_path, "--chat-template", template, input="hi\n", home=tmp_path)
-    assert r.returncode == 0 and "custom template in use" in r.stderr and "Traceback" not in r.stderr
+    # the override is used: it is checked on a sample conversation at start, and refuses it (exit 2, bad input)
+    assert r.returncode == 2 and "custom template in use" in r.stderr and "Traceback" not in r.stderr
     r = pyllm_chat(tiny_path, "--chat-template", tmp_path / "none.jinja", input="hi\n", home=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "cannot read chat template" in r.stderr
 

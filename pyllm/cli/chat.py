@@ -207,16 +207,13 @@ def template_override(spec: str | None) -> str | None:
 
 
 def chat_template(model, override: str | None):
-    from ..chat_template import BUILTINS, ChatTemplate
-    from ..errors import TemplateError
+    from ..chat_template import BUILTINS
 
-    try:
-        return ChatTemplate.for_model(model.metadata, override)
-    except TemplateError:
-        if override or model.metadata.get("tokenizer.chat_template"):
-            raise  # a broken template: its own message says what is wrong
+    template = model.chat_template(override)  # a broken template raises, its message saying what is wrong
+    if template is None:
         raise PyllmError(f"{Path(model.path).name} has no chat template and none of the built-ins fits: pass "
-                         f"--chat-template FILE (Jinja) or one of {', '.join(BUILTINS)}") from None
+                         f"--chat-template FILE (Jinja) or one of {', '.join(BUILTINS)}")
+    return template
 
 
 @app.command()

@@ -24,14 +24,9 @@ def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_pen
 def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> list[int]:
     """The prompt's token ids: through the model's chat template unless raw (or the model has none)."""
     from ..chat import render_tokens
-    from ..chat_template import ChatTemplate
-    from ..errors import TemplateError
 
     if not raw:
-        try:
-            template = ChatTemplate.for_model(model.metadata)
-        except TemplateError:
-            template = None  # a base model: the text goes in as is
+        template = model.chat_template()
         if template is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": text}]
