@@ -225,9 +225,13 @@ def write_entry(path: Path, model, cache, slot: int = 0, n_tokens: int | None = 
 
 
 def _preview(model, tokens: np.ndarray) -> str:
-    """The start of the cached text, for `pyllm cache ls`."""
-    text = model.detokenize(tokens[:48].tolist())
-    return " ".join(text.split())[:80]
+    """The start and the end of the cached text, for `pyllm cache ls` (chat prompts share their start)."""
+    def text(ids):
+        return " ".join(model.detokenize(ids.tolist()).split())
+
+    if len(tokens) <= 64:
+        return text(tokens)[:120]
+    return f"{text(tokens[:32])[:50]} … {text(tokens[-32:])[-60:]}"
 
 
 class PromptCache:

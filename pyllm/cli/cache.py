@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import re
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from . import app
 from .common import err
@@ -61,23 +60,24 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("ls")
 def ls(directory: PromptCacheDir = None):
-    """List cached prompts: model, tokens, size, last use and the start of the text."""
+    """List cached prompts: entry, tokens, size, last use, model and the start and end of the text."""
     from ..prompt_cache import PromptCache
 
     pc = PromptCache(directory)
     rows = pc.listing() if pc.dir.is_dir() else []
-    out = Console(highlight=False)
-    table = Table("entry", "model", "tokens", "size", "last used", "text", box=None)
+    # plain lines: greppable when piped, cut to the terminal's width when not
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    if rows:
+        print(f"{'entry':12}  {'tokens':>7}  {'size':>9}  {'last used':16}  model / text")
     for path, size, used, info in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(used))
         if isinstance(info, dict):
-            table.add_row(path.stem[-12:], escape(str(info.get("model", "?"))), str(info["n_tokens"]), _fmt_bytes(size), when,
-                          escape(str(info.get("preview", ""))))
+            tokens, about = str(info["n_tokens"]), f"{info.get('model', '?')}  {info.get('preview', '')}"
         else:
-            table.add_row(path.stem[-12:], "?", "?", _fmt_bytes(size), when, escape(f"unusable: {info}"))
-    if rows:
-        out.print(table)
-    err.print(f"{len(rows)} entries, {_fmt_bytes(sum(r[1] for r in rows))} in {pc.dir}")
+            tokens, about = "?", f"unusable: {info}"
+        line = f"{path.stem[-12:]:12}  {tokens:>7}  {_fmt_bytes(size):>9}  {when:16}  {about}"
+        print(line if width is None or len(line) <= width else line[:width - 1] + "…")
+    err.print(f"{len(rows)} entries, {_fmt_bytes(sum(r[1] for r in rows))} in {pc.dir}", markup=False)
 
 
 @cache_app.command("clear")
@@ -87,4 +87,4 @@ def clear(directory: PromptCacheDir = None):
 
     pc = PromptCache(directory)
     count, freed = pc.clear() if pc.dir.is_dir() else (0, 0)
-    err.print(f"removed {count} entries ({_fmt_bytes(freed)}) from {pc.dir}")
+    err.print(f"removed {count} entries ({_fmt_bytes(freed)}) from {pc.dir}", markup=False)
