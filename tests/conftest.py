@@ -5,6 +5,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 
+# The prompt cache is on by default: keep the suite's entries (and its subprocesses') out of the user's cache.
+import os
+import tempfile
+
+os.environ["PYLLM_PROMPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pyllm-test-prompt-cache-")
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
