@@ -104,17 +104,21 @@ def test_matmul(qtype, n_out, T, path, monkeypatch):
 def test_portable_block_dots(qtype, monkeypatch):
     """The IR compiled for CPUs without AVX-512 VNNI (the kernels above use vpdpbusd on this one)."""
     monkeypatch.setattr(qmatmul, "_PORTABLE_IR", True)
-    code = int(qtype)  # a closure constant: numba sees it as a literal, as _row_dot32 requires
-    row_dot = numba.njit(lambda w, xq, xd, xm: qmatmul._row_dot32(code, w, xq, xd, xm))  # fresh, uncached
+    code = int(qtype)  # a closure constant: numba sees it as a literal, as _row_dots32 requires
+    row_dots = numba.njit(lambda w, xq, xd, xs, xm, res: qmatmul._row_dots32(code, w, xq, xd, xs, xm, res))  # uncached
     rng = np.random.default_rng(5)
     w = make_weight(qtype, 3, N_IN, rng)
     x = rng.standard_normal((1, N_IN)).astype(np.float32)
     xq = np.empty((1, N_IN), np.int8)
-    xd, xm = np.empty((1, N_IN // 32), np.float32), np.empty((1, N_IN // 32), np.float32)
-    qmatmul._quantize_act(x, xq, xd, np.empty((1, N_IN // 16), np.int32), xm)
-    y = np.array([row_dot(w.data[r], xq[0], xd[0], xm[0]) for r in range(3)])
+    xd, xs, xm = np.empty((1, N_IN // 32), np.float32), np.empty((1, N_IN // 16), np.int32), np.empty((1, N_IN // 32), np.float32)
+    qmatmul._quantize_act(x, xq, xd, xs, xm)
+    res = np.empty(1, np.float32)
+    y = []
+    for r in range(3):
+        row_dots(w.data[r], xq, xd, xs, xm, res)
+        y.append(res[0])
     wref = reference(w).astype(np.float64)
-    assert "vpdpbusd" not in row_dot.inspect_asm(row_dot.signatures[0])
+    assert "vpdpbusd" not in row_dots.inspect_asm(row_dots.signatures[0])
     assert np.all(np.abs(y - int8_blocks(x)[0][0] @ wref.T) <= 1e-5 * (np.abs(x[0]) @ np.abs(wref).T))
 
 

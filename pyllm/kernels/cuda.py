@@ -2,7 +2,7 @@
 
 Weights go to the device once at load, still quantized; activations and the KV cache stay there, and only the
 logits the caller asks for come back.  Semantics follow the CPU twins exactly, including the int8 rounding of
-activations that the CPU's decode path (qmatmul, T < PREFILL_MIN_T) applies before quantized dot products.
+activations that the CPU's int8 path (qmatmul.uses_int8) applies before quantized dot products.
 
 Layout: a quantized matrix is stored block-major, u8 [n_blocks, n_out, block_bytes], so the threads of a warp
 (one output row each) read adjacent bytes.  Float weights are "blocks" of one value (4 or 2 bytes).
@@ -18,7 +18,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from ..errors import UnsupportedError
 from ..quants import block_size, type_name, type_size
-from .qmatmul import PREFILL_MIN_T
+from .qmatmul import uses_int8
 
 with warnings.catch_warnings():  # importing must stay silent on machines without CUDA
     warnings.simplefilter("ignore")
@@ -414,13 +414,13 @@ def take_rows(x, rows):
     return out
 
 
-def matmul(w, x):
-    """x @ W.T: x [T, n_in] -> new [T, n_out]."""
+def matmul(w, x, *, path="auto"):
+    """x @ W.T: x [T, n_in] -> new [T, n_out]; path as in qmatmul.matmul (which rows get int8-rounded)."""
     n_out, n_in = w.shape
     T = x.shape[0]
     if x.ndim != 2 or x.shape[1] != n_in:
         raise ValueError(f"matmul with '{w.name}' {w.shape}: x has shape {x.shape}, expected [T, {n_in}]")
-    if T < PREFILL_MIN_T and w.qtype not in (F32, F16):
+    if uses_int8(w.qtype, T, path):
         rounded = empty(x.shape)
         _launch(_round_act, T * n_in // 32, x, rounded)
         x = rounded

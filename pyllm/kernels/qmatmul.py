@@ -50,7 +50,7 @@ _DOT_ROWS = 8  # rows per task of the int8 kernel
 # SIMD building blocks: LLVM vector IR emitted through numba intrinsics. `w`/`x` are 1-D uint8/int8 arrays,
 # offsets are byte (= element) offsets into them.
 
-_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
 
 def _vec(t, n):
@@ -59,9 +59,12 @@ def _vec(t, n):
 
 def _load(context, builder, aryty, ary, off, n):
     """Unaligned load of n bytes at ary[off] as <n x i8>."""
-    data = context.make_array(aryty)(context, builder, ary).data
-    ptr = builder.bitcast(builder.gep(data, [off]), _vec(_i8, n).as_pointer())
-    return builder.load(ptr, align=1)
+    return _load_ptr(builder, context.make_array(aryty)(context, builder, ary).data, off, n)
+
+
+def _load_ptr(builder, data, off, n):
+    """Unaligned load of n bytes at data[off] (a byte pointer) as <n x i8>."""
+    return builder.load(builder.bitcast(builder.gep(data, [off]), _vec(_i8, n).as_pointer()), align=1)
 
 
 def _splat(v, n):
@@ -140,28 +143,35 @@ def _f16(typingctx, a, off):
 _BLOCK32 = {Q8_0: (34, -1, 2, -1, 0), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1, 4, 2, 0),
             Q5_0: (22, 2, 6, -1, 16), Q5_1: (24, 4, 8, 2, 0)}
 
+# Activation rows that share one unpacked weight block, largest first: T=13 runs as 8 + 4 + 1.
+_GROUPS = (8, 4, 2, 1)
 
-def _block32_dots(context, builder, wty, w, o, xqty, xq, xoff, qtype, vnni):
-    """<8 x i32> partial sums of one block's 32 products with int8 activations (their total is the block dot)."""
-    bs, qh_off, qs_off, _, _ = _BLOCK32[qtype]
-    xv = _load(context, builder, xqty, xq, xoff, 32)
+
+def _block32_quants(context, builder, wty, w, o, qtype):
+    """One block's 32 values as unsigned <32 x i8>, plus (Q8_0 only) the <32 x i1> signs to move onto x."""
+    _, qh_off, qs_off, _, _ = _BLOCK32[qtype]
     if qtype == Q8_0:
         # |w| * (x with w's sign): unsigned x signed, the vpdpbusd form (x is in [-127, 127], no overflow)
         wv = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 32)
         v8 = _vec(_i8, 32)
         absfn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, ir.IntType(1)]), "llvm.abs.v32i8")
-        q = builder.call(absfn, [wv, ir.Constant(ir.IntType(1), 0)])
-        xv = builder.select(builder.icmp_signed("<", wv, ir.Constant(v8, None)), builder.neg(xv), xv)
-    else:
-        # 16 bytes of nibbles: low nibbles are values 0-15, high nibbles 16-31
-        b = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 16)
-        lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 16))
-        hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 16))
-        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
-        if qh_off >= 0:  # bit j of the 32-bit word is bit 4 of value j
-            qh = builder.bitcast(_load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qh_off)), 4), _i32)
-            bits = builder.zext(builder.bitcast(qh, _vec(ir.IntType(1), 32)), _vec(_i8, 32))
-            q = builder.or_(q, builder.shl(bits, _splat(ir.Constant(_i8, 4), 32)))
+        return builder.call(absfn, [wv, ir.Constant(ir.IntType(1), 0)]), builder.icmp_signed("<", wv, ir.Constant(v8, None))
+    # 16 bytes of nibbles: low nibbles are values 0-15, high nibbles 16-31
+    b = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 16)
+    lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 16))
+    hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 16))
+    q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
+    if qh_off >= 0:  # bit j of the 32-bit word is bit 4 of value j
+        qh = builder.bitcast(_load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qh_off)), 4), _i32)
+        bits = builder.zext(builder.bitcast(qh, _vec(ir.IntType(1), 32)), _vec(_i8, 32))
+        q = builder.or_(q, builder.shl(bits, _splat(ir.Constant(_i8, 4), 32)))
+    return q, None
+
+
+def _block32_dots(builder, q, neg, xv, vnni):
+    """<8 x i32> partial sums of a block's 32 products with int8 activations (their total is the block dot)."""
+    if neg is not None:
+        xv = builder.select(neg, builder.neg(xv), xv)
     v8i = _vec(_i32, 8)
     if vnni:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i] * 3), "llvm.x86.avx512.vpdpbusd.256")
@@ -181,9 +191,12 @@ def _use_vnni(context):
 
 
 @intrinsic(prefer_literal=True)
-def _row_dot32(typingctx, qtype, w, xq, xd, xm):
-    """Dot of one row of a legacy 32-block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with quantized activations.
+def _row_dots32(typingctx, qtype, w, xq, xd, xs, xm, res):
+    """res[t] = dot of one row of a legacy 32-block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with activation row t.
 
+    w u8 [row_bytes]; xq i8 [T, n]; xd, xm f32 [T, n/32]; xs i32 [T, n/16]; res f32 [T]. Each weight block is unpacked once
+    per group of up to 8 activation rows (_GROUPS), whose accumulators stay in registers. Every row gets the
+    same instructions, with no fast-math flags, in whichever group it falls: res[t] does not depend on T.
     The block dots stay as 8 partial sums, scaled into a float vector accumulator: no horizontal sum per
     block, one per row (llama.cpp's AVX layout). 1.45x the per-block-reduction version on AVX-512 VNNI.
     """
@@ -191,36 +204,60 @@ def _row_dot32(typingctx, qtype, w, xq, xd, xm):
         return None
 
     def codegen(context, builder, sig, args):
-        _, w, xq, xd, xm = args
+        _, w, xq, xd, xs, xm, res = args
         kind = sig.args[0].literal_value
         bs, _, _, m_off, offset = _BLOCK32[kind]
-        wty, xqty = sig.args[1], sig.args[2]
+        wty = sig.args[1]
         vnni = _use_vnni(context)
         f32, v8f = ir.FloatType(), _vec(ir.FloatType(), 8)
-        n = cgutils.unpack_tuple(builder, context.make_array(wty)(context, builder, w).shape)[0]
+        nb = builder.udiv(cgutils.unpack_tuple(builder, context.make_array(wty)(context, builder, w).shape)[0],
+                          ir.Constant(_i64, bs))
+        xq_ary = context.make_array(sig.args[2])(context, builder, xq)
+        T, n = cgutils.unpack_tuple(builder, xq_ary.shape)
         xd_data = context.make_array(sig.args[3])(context, builder, xd).data
-        xm_data = context.make_array(sig.args[4])(context, builder, xm).data
-        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, None))  # mem2reg keeps these in registers
-        accm = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
-        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, bs))) as loop:
-            b = loop.index
-            o = builder.mul(b, ir.Constant(b.type, bs))
-            p = _block32_dots(context, builder, wty, w, o, xqty, xq, builder.mul(b, ir.Constant(b.type, 32)), kind, vnni)
-            d = _f16_value(context, builder, wty, w, o)
-            s = builder.fmul(d, builder.load(builder.gep(xd_data, [b])))
-            sv = builder.insert_element(ir.Constant(v8f, None), s, ir.Constant(_i32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(_vec(_i32, 8), [0] * 8))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(p, v8f), sv)), acc)
-            if m_off >= 0 or offset:
-                # min (or -offset * d) times the block's activation sum xm = xd * sum(xq)
-                m = _f16_value(context, builder, wty, w, builder.add(o, ir.Constant(o.type, m_off))) if m_off >= 0 \
-                    else builder.fmul(d, ir.Constant(f32, -float(offset)))
-                xmb = builder.load(builder.gep(xm_data, [b]))
-                builder.store(builder.fadd(builder.load(accm), builder.fmul(m, xmb)), accm)
+        xs_data = context.make_array(sig.args[4])(context, builder, xs).data
+        xm_data = context.make_array(sig.args[5])(context, builder, xm).data
+        res_data = context.make_array(sig.args[6])(context, builder, res).data
         red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, v8f]), "llvm.vector.reduce.fadd.v8f32")
-        return builder.fadd(builder.call(red, [ir.Constant(f32, 0.0), builder.load(acc)]), builder.load(accm))
+        t = cgutils.alloca_once_value(builder, ir.Constant(_i64, 0))  # first row of the next group
+        for G in _GROUPS:
+            with cgutils.for_range(builder, builder.udiv(builder.sub(T, builder.load(t)), ir.Constant(_i64, G))):
+                t0 = builder.load(t)
+                rows = [builder.add(t0, ir.Constant(_i64, g)) for g in range(G)]
+                # mem2reg keeps these in registers
+                acc = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in rows]
+                accm = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in rows]
+                with cgutils.for_range(builder, nb) as loop:
+                    b = loop.index
+                    o = builder.mul(b, ir.Constant(_i64, bs))
+                    q, neg = _block32_quants(context, builder, wty, w, o, kind)
+                    d = _f16_value(context, builder, wty, w, o)
+                    if m_off >= 0:
+                        m = _f16_value(context, builder, wty, w, builder.add(o, ir.Constant(_i64, m_off)))
+                    for g, tg in enumerate(rows):
+                        xv = _load_ptr(builder, xq_ary.data, builder.add(builder.mul(tg, n), builder.mul(b, ir.Constant(_i64, 32))), 32)
+                        p = _block32_dots(builder, q, neg, xv, vnni)
+                        k = builder.add(builder.mul(tg, nb), b)  # block b of row tg in xd, xm
+                        if offset:  # minus offset * sum(x), in integers: exact, and no float term per row
+                            h = builder.gep(xs_data, [builder.add(k, k)])
+                            xsum = builder.add(builder.load(h), builder.load(builder.gep(h, [ir.Constant(_i64, 1)])))
+                            p = builder.sub(p, builder.insert_element(ir.Constant(_vec(_i32, 8), None),
+                                                                      builder.mul(xsum, ir.Constant(_i32, offset)), ir.Constant(_i32, 0)))
+                        s = builder.fmul(d, builder.load(builder.gep(xd_data, [k])))
+                        sv = builder.insert_element(ir.Constant(v8f, None), s, ir.Constant(_i32, 0))
+                        sv = builder.shuffle_vector(sv, sv, ir.Constant(_vec(_i32, 8), [0] * 8))
+                        builder.store(builder.fadd(builder.load(acc[g]), builder.fmul(builder.sitofp(p, v8f), sv)), acc[g])
+                        if m_off >= 0:
+                            # min times the block's activation sum xm = xd * sum(xq)
+                            xmb = builder.load(builder.gep(xm_data, [k]))
+                            builder.store(builder.fadd(builder.load(accm[g]), builder.fmul(m, xmb)), accm[g])
+                for g, tg in enumerate(rows):
+                    total = builder.fadd(builder.call(red, [ir.Constant(f32, 0.0), builder.load(acc[g])]), builder.load(accm[g]))
+                    builder.store(total, builder.gep(res_data, [tg]))
+                builder.store(builder.add(t0, ir.Constant(_i64, G)), t)
+        return context.get_dummy_value()
 
-    return types.float32(qtype, w, xq, xd, xm), codegen
+    return types.none(qtype, w, xq, xd, xs, xm, res), codegen
 
 
 def _kvalues(context, builder, sig, args):
@@ -409,31 +446,34 @@ def _vd_q6_k(w, xq, xd, xs, xm):
     return acc
 
 
-@njit(fastmath=_FM, cache=True)
+# no fastmath here: numba would put its flags on the inlined _row_dots32 IR too, and LLVM could then fuse or
+# reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
+@njit(cache=True)
 def _dot_rows(qtype, w, r0, r1, xq, xd, xs, xm, out):
     # out[:, r0:r1] for rows r0..r1 of w. One branch per type around its loops, so the row dots inline with
     # their type fixed: a call per row to a dispatching function cost 23 ns a row (2x on SmolLM2 shapes)
     T = xq.shape[0]
+    res = np.empty(T, np.float32)  # one weight row against every activation row (legacy 32-block types)
     if qtype == Q4_1:
         for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _row_dot32(Q4_1, w[r], xq[t], xd[t], xm[t])
+            _row_dots32(Q4_1, w[r], xq, xd, xs, xm, res)
+            out[:, r] = res
     elif qtype == Q8_0:
         for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _row_dot32(Q8_0, w[r], xq[t], xd[t], xm[t])
+            _row_dots32(Q8_0, w[r], xq, xd, xs, xm, res)
+            out[:, r] = res
     elif qtype == Q5_0:
         for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _row_dot32(Q5_0, w[r], xq[t], xd[t], xm[t])
+            _row_dots32(Q5_0, w[r], xq, xd, xs, xm, res)
+            out[:, r] = res
     elif qtype == Q4_0:
         for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _row_dot32(Q4_0, w[r], xq[t], xd[t], xm[t])
+            _row_dots32(Q4_0, w[r], xq, xd, xs, xm, res)
+            out[:, r] = res
     elif qtype == Q5_1:
         for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _row_dot32(Q5_1, w[r], xq[t], xd[t], xm[t])
+            _row_dots32(Q5_1, w[r], xq, xd, xs, xm, res)
+            out[:, r] = res
     elif qtype == Q4_K:
         for r in range(r0, r1):
             for t in range(T):
@@ -632,8 +672,18 @@ def _check(w: QTensor) -> np.ndarray:
     return data
 
 
-def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x @ W.T: x float32 [T, n_in] -> float32 [T, n_out] (written into `out` when given)."""
+_PATHS = ("auto", "int8", "float")
+
+
+def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: str = "auto") -> np.ndarray:
+    """x @ W.T: x float32 [T, n_in] -> float32 [T, n_out] (written into `out` when given).
+
+    path picks how quantized weights are multiplied, so that a row's result depends on its role, never on T:
+    "int8" (decode steps) quantizes the activations and computes every row bit-identical to a lone row;
+    "float" (prompt processing) uses float tiles, every row identical whatever T (also T=1);
+    "auto" takes int8 below PREFILL_MIN_T rows, float from there (the faster one). Float weights always
+    take the float path.
+    """
     data = _check(w)
     n_out, n_in = w.shape
     if x.ndim != 2 or x.shape[1] != n_in:
@@ -642,11 +692,20 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
         x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty((x.shape[0], n_out), np.float32)
-    if w.qtype in _FLOAT_TYPES or x.shape[0] >= PREFILL_MIN_T:
-        _matmul_f32(w.qtype, data, x, out)
-    else:
+    if uses_int8(w.qtype, x.shape[0], path):
         _matmul_q8(w.qtype, data, x, out)
+    else:
+        _matmul_f32(w.qtype, data, x, out)
     return out
+
+
+def uses_int8(qtype: int, T: int, path: str) -> bool:
+    """Whether matmul(path=path) rounds T activation rows to int8 blocks (the CUDA backend mirrors it)."""
+    if path not in _PATHS:
+        raise ValueError(f"matmul path must be one of {_PATHS}, not {path!r}")
+    if qtype in _FLOAT_TYPES:
+        return False
+    return path == "int8" or (path == "auto" and T < PREFILL_MIN_T)
 
 
 def get_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
