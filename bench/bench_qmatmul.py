@@ -2,11 +2,12 @@
 
     /work/venv/bin/python bench/bench_qmatmul.py [--threads 2] [--types Q4_1,Q8_0] [--quick]
 
-Decode (T=1) cycles through enough copies of each matrix to overflow the 32 MB L3, so GB/s is DRAM streaming as
+Decode (T=1, and T=8 on the int8 path: a batched decode step) cycles through enough copies of each matrix to overflow the 32 MB L3, so GB/s is DRAM streaming as
 in a real forward pass ("hot" repeats one copy: the compute ceiling). A plain byte-summing pass over the same
 memory, in 2 MB calls, gives the machine's read bandwidth right now. The machine is shared and noisy: every
 call is timed on its own; "med" is the median, the other columns the best call (what the kernel can do when
-no other process steals a core mid-call). Compare figures within one run. Prefill prints GFLOP/s
+no other process steals a core mid-call). Compare figures within one run. "T=8/T=1" is the time of a batched
+decode step relative to a lone one (median, best). Prefill prints GFLOP/s
 (2*T*n_out*n_in per call).
 """
 
@@ -108,7 +109,7 @@ def main() -> None:
     del big, chunks
 
     print(f"{'model':10s} {'tensor':14s} {'type':5s} {'n_out x n_in':>13s} | {'T=1 GB/s med':>12s} {'best':>5s}"
-          f" {'hot':>5s} {'us':>7s} | {'T=4 GB/s':>8s} | {'T=128 GF/s':>10s} {'T=512 GF/s':>10s}")
+          f" {'hot':>5s} {'us':>7s} | {'T=8/T=1 med':>11s} {'best':>4s} | {'T=128 GF/s':>10s} {'T=512 GF/s':>10s}")
     for model, tensor, qtype, n_out, n_in in SHAPES:
         if wanted and qtype.name not in wanted:
             continue
@@ -118,17 +119,17 @@ def main() -> None:
         x1 = rng.standard_normal((1, n_in), dtype=np.float32)
         out1 = np.empty((1, n_out), np.float32)
 
-        def calls(x, out):
-            return [lambda c=c: qmatmul.matmul(c, x, out) for c in copies]
+        def calls(x, out, path="auto"):
+            return [lambda c=c: qmatmul.matmul(c, x, out, path=path) for c in copies]
 
         t1, b1 = call_times(calls(x1, out1), reps)
         _, hot = call_times([lambda: qmatmul.matmul(w, x1, out1)] * 20, reps)
-        x4 = rng.standard_normal((4, n_in), dtype=np.float32)
-        out4 = np.empty((4, n_out), np.float32)
-        _, b4 = call_times(calls(x4, out4), 1)
+        x8 = rng.standard_normal((8, n_in), dtype=np.float32)
+        out8 = np.empty((8, n_out), np.float32)
+        t8, b8 = call_times(calls(x8, out8, "int8"), reps)
         del copies
         line = (f"{model:10s} {tensor:14s} {qtype.name:5s} {n_out:6d}x{n_in:<6d} | {w.nbytes / t1 / 1e9:12.1f}"
-                f" {w.nbytes / b1 / 1e9:5.1f} {w.nbytes / hot / 1e9:5.1f} {b1 * 1e6:7.1f} | {w.nbytes / b4 / 1e9:8.1f} |")
+                f" {w.nbytes / b1 / 1e9:5.1f} {w.nbytes / hot / 1e9:5.1f} {b1 * 1e6:7.1f} | {t8 / t1:11.2f} {b8 / b1:4.2f} |")
         for T in (128, 512):
             if (T == 512 and args.quick) or n_out * n_in > 50_000_000:
                 line += f" {'-':>10s}"

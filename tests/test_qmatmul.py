@@ -78,15 +78,13 @@ def int8_blocks(x):
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("n_out", [1, 37])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_matmul(qtype, n_out, T, path, monkeypatch):
-    # force one path or the other whatever T is
-    monkeypatch.setattr(qmatmul, "PREFILL_MIN_T", 10**9 if path == "int8" else 1)
+def test_matmul(qtype, n_out, T, path):
     rng = np.random.default_rng(3)
     w = make_weight(qtype, n_out, N_IN, rng)
     x = rng.standard_normal((T, N_IN)).astype(np.float32)
     x[0, :32] *= 50  # one block with a much larger scale than the rest
     wref = reference(w).astype(np.float64)
-    y = qmatmul.matmul(w, x)
+    y = qmatmul.matmul(w, x, path=path)
     assert y.shape == (T, n_out) and y.dtype == np.float32
     exact = x.astype(np.float64) @ wref.T
     roundoff = 1e-5 * (np.abs(x.astype(np.float64)) @ np.abs(wref).T)
@@ -98,6 +96,32 @@ def test_matmul(qtype, n_out, T, path, monkeypatch):
     assert np.all(np.abs(y - exact) <= half_step @ np.abs(wref).T + roundoff)
     # ... and exactly what they cost: a wrong offset or bit in one block shows here
     assert np.all(np.abs(y - xq @ wref.T) <= roundoff)
+
+
+@pytest.mark.parametrize("path", ["int8", "float"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_rows_do_not_depend_on_T(qtype, path):
+    """A batch's rows are bit-identical to the same rows computed alone: a sequence's greedy output must not
+    depend on how many others share its decode step, nor on how a prompt was split into chunks."""
+    rng = np.random.default_rng(6)
+    w = make_weight(qtype, 37, N_IN, rng)
+    x = rng.standard_normal((13, N_IN)).astype(np.float32)
+    x[:, 64:96] *= 50  # blocks whose scales differ from row to row
+    alone = np.concatenate([qmatmul.matmul(w, x[t:t + 1], path=path) for t in range(13)])  # [13, 37]
+    for T in (2, 8, 13):
+        assert np.array_equal(qmatmul.matmul(w, x[:T], path=path), alone[:T]), f"T={T}"
+
+
+def test_auto_path_switches_at_prefill_min_t():
+    rng = np.random.default_rng(7)
+    w = make_weight(Q.Q4_1, 9, N_IN, rng)
+    T = qmatmul.PREFILL_MIN_T
+    x = rng.standard_normal((T, N_IN)).astype(np.float32)
+    assert np.array_equal(qmatmul.matmul(w, x), qmatmul.matmul(w, x, path="float"))
+    assert np.array_equal(qmatmul.matmul(w, x[:T - 1]), qmatmul.matmul(w, x[:T - 1], path="int8"))
+    assert not np.array_equal(qmatmul.matmul(w, x, path="int8"), qmatmul.matmul(w, x, path="float"))
+    with pytest.raises(ValueError, match="path"):
+        qmatmul.matmul(w, x, path="fast")
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda t: t.name)

@@ -1,13 +1,16 @@
 """Quantized matrix products: the hot path of the whole tool.
 
-matmul(w, x) = x @ W.T with W still in its GGUF encoding, two ways:
-- small T (decode): x is quantized to int8 blocks of 32 (one float scale each, plus int sums per 16) and every
-  weight block is dotted with integer SIMD (vpdpbusd on AVX-512 VNNI), as llama.cpp does. Memory-bound: each
-  weight byte is read once, and a row stays in L1 while it meets all T activations. Legacy 32-blocks keep
-  their partial sums in a float vector across the row (one horizontal sum per row, not per block).
-- large T (prefill): each thread dequantizes 16 rows to a small float32 tile and multiplies it with all T
-  activations in a register-blocked float loop (4 rows x 4 tokens). Compute-bound; measured faster than
+matmul(w, x, path=...) = x @ W.T with W still in its GGUF encoding, two ways, picked by the caller's role so
+that a row's result never depends on how many rows share the call:
+- "int8" (decode steps): x is quantized to int8 blocks of 32 (one float scale each, plus int sums per 16) and
+  every weight block is dotted with integer SIMD (vpdpbusd on AVX-512 VNNI), as llama.cpp does. Memory-bound:
+  each weight byte is read once. Legacy 32-blocks unpack each weight block once for a group of up to 8
+  activation rows and keep their partial sums in float vectors across the row (one horizontal sum per row,
+  not per block); K-quants still unpack per activation row.
+- "float" (prompt processing): each thread dequantizes 16 rows to a small float32 tile and multiplies it with
+  all T activations in a register-blocked float loop (4 rows x 4 tokens). Compute-bound; measured faster than
   numpy/OpenBLAS on this 2-core machine, whose OpenBLAS threads stall under load.
+- "auto": int8 below PREFILL_MIN_T rows, float from there.
 
 numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
 after unrolling the 16-32 wide inner loop, vectorizes across blocks with byte gathers), so the block dots are
