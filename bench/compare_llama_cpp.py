@@ -35,7 +35,7 @@ def time_pyllm(model, kind: str, tokens: list[int]) -> float:
         model.eval(cache, tokens)
     else:
         for t in tokens:
-            model.eval(cache, [t])
+            model.decode(cache, [0], [t])
     return len(tokens) / (time.perf_counter() - t0)
 
 

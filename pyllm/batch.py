@@ -128,7 +128,7 @@ class ContinuousBatch:
         """One forward pass over every running sequence's last token; returns the sequences that ended."""
         slots = list(self.running)
         t0 = time.perf_counter()
-        logits = self.model.eval_batch(self.cache, slots, [self.running[s].last for s in slots])  # [N, n_vocab]
+        logits = self.model.decode(self.cache, slots, [self.running[s].last for s in slots])  # [N, n_vocab]
         done = []
         for i, s in enumerate(slots):
             if self.running[s].take(logits[i]):

@@ -75,7 +75,7 @@ def generate(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, max_
         if len(cache.tokens[slot]) >= cache.n_ctx:
             stats.finish_reason = "context"
             break
-        logits = model.eval(cache, [token], slot=slot)
+        logits = model.decode(cache, [slot], [token])[0]
         stats.generate_s = time.perf_counter() - t0
 
 

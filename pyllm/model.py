@@ -61,8 +61,8 @@ class Model:
 
     def eval(self, cache: KVCache, tokens: list[int], slot: int = 0, all_logits: bool = False,
              n_batch: int = DEFAULT_BATCH) -> np.ndarray:
-        """Append `tokens` to a cache slot, in chunks of n_batch.  Returns the logits after the last token
-        ([n_vocab]) or after every token ([len(tokens), n_vocab])."""
+        """Prompt processing: append `tokens` to a cache slot, in chunks of n_batch.  Returns the logits after
+        the last token ([n_vocab]) or after every token ([len(tokens), n_vocab])."""
         start = len(cache.tokens[slot])
         if start + len(tokens) > cache.n_ctx:
             raise ContextError(f"{start + len(tokens)} tokens do not fit in the context of {cache.n_ctx} "
@@ -86,16 +86,17 @@ class Model:
                 pieces.append(logits)
         return np.concatenate(pieces) if all_logits else pieces[-1][0]
 
-    def eval_batch(self, cache: KVCache, slots: list[int], tokens: list[int]) -> np.ndarray:
-        """One decoding step for several sequences at once: token i is appended to slot slots[i].
-        Returns logits [len(tokens), n_vocab].  Each weight read serves every sequence."""
+    def decode(self, cache: KVCache, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """One decoding step for one or several sequences: token i is appended to slot slots[i].
+        Returns logits [len(tokens), n_vocab].  Each weight read serves every sequence, and each sequence gets
+        exactly the logits it would get alone."""
         for s in slots:
             if len(cache.tokens[s]) >= cache.n_ctx:
                 raise ContextError(f"sequence in slot {s} reached the context size {cache.n_ctx}")
         tok = np.asarray(tokens, dtype=np.int64)
         pos = np.array([len(cache.tokens[s]) for s in slots], dtype=np.int64)
         sl = np.asarray(slots, dtype=np.int64)
-        logits = self.transformer.forward(tok, pos, sl, cache, np.arange(len(tok)))
+        logits = self.transformer.forward(tok, pos, sl, cache, np.arange(len(tok)), decode=True)
         for s, t in zip(slots, tokens):
             cache.tokens[s].append(int(t))
         return logits

@@ -40,7 +40,7 @@ def bench_model(m, pp: list[int], tg: list[int], reps: int, kv_type: str) -> lis
             else:
                 t0 = time.perf_counter()
                 for t in ids:
-                    m.eval(cache, [t])
+                    m.decode(cache, [0], [t])
             dt = time.perf_counter() - t0
             if rep:
                 speeds.append(n / dt)

@@ -93,13 +93,22 @@ class Transformer:
             vec = dequantize(QTensor(name, info.qtype, (1, shape[0]), raw.reshape(1, -1)))[0]
         return self.backend.upload_vector(vec)
 
-    def forward(self, tokens: np.ndarray, pos: np.ndarray, slot: np.ndarray, kv, logit_rows: np.ndarray) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, pos: np.ndarray, slot: np.ndarray, kv, logit_rows: np.ndarray,
+                decode: bool = False) -> np.ndarray:
         """Run T tokens through the model, writing their keys/values into `kv`.
 
         tokens, pos, slot: [T] (token t sits at position pos[t] of sequence slot[t]; tokens of one slot in
         order); logit_rows: indices into T whose logits are wanted.  Returns float32 [len(logit_rows), n_vocab].
+        decode: a decoding step (one new token per sequence; int8 activations, memory-bound) rather than prompt
+        processing (float tiles, compute-bound).  Each path computes every row the same way whatever T is, so a
+        sequence's result never depends on what else is in the batch or how its prompt was chunked.
         """
         c, k_ = self.config, self.backend
+        path = "int8" if decode else "float"
+
+        def matmul(w, x):
+            return k_.matmul(w, x, path=path)
+
         T = len(tokens)
         tokens, pos, slot = k_.upload_ints(tokens), k_.upload_ints(pos), k_.upload_ints(slot)
         x = k_.get_rows(self.token_embd, tokens)  # [T, d_model]
@@ -111,9 +120,9 @@ class Transformer:
         for il, L in enumerate(self.layers):
             # attention
             k_.rmsnorm(x, L["attn_norm.weight"], eps, h)
-            q = k_.matmul(L["attn_q.weight"], h)  # [T, n_heads * head_dim]
-            k = k_.matmul(L["attn_k.weight"], h)  # [T, n_kv_heads * head_dim]
-            v = k_.matmul(L["attn_v.weight"], h)  # [T, n_kv_heads * head_dim]
+            q = matmul(L["attn_q.weight"], h)  # [T, n_heads * head_dim]
+            k = matmul(L["attn_k.weight"], h)  # [T, n_kv_heads * head_dim]
+            v = matmul(L["attn_v.weight"], h)  # [T, n_kv_heads * head_dim]
             if "attn_q.bias" in L:
                 k_.add(q, L["attn_q.bias"])
                 k_.add(k, L["attn_k.bias"])
@@ -126,19 +135,19 @@ class Transformer:
             k_.rope(k, pos, c.n_kv_heads, c.head_dim, c.rope_dim, base, scale, self.rope_factors, c.rope_neox)
             k_.kv_write(kv.k[il], kv.v[il], slot, pos, k, v)
             k_.attention(q, kv.k[il], kv.v[il], slot, pos, c.layer_window[il], np.float32(c.attn_scale), attn)
-            o = k_.matmul(L["attn_output.weight"], attn)  # [T, d_model]
+            o = matmul(L["attn_output.weight"], attn)  # [T, d_model]
             if "post_attention_norm.weight" in L:
                 k_.rmsnorm(o, L["post_attention_norm.weight"], eps, o)
             k_.add(x, o)
             # feed-forward
             k_.rmsnorm(x, L["ffn_norm.weight"], eps, h)
-            gate = k_.matmul(L["ffn_gate.weight"], h)  # [T, n_ff]
-            up = k_.matmul(L["ffn_up.weight"], h)  # [T, n_ff]
+            gate = matmul(L["ffn_gate.weight"], h)  # [T, n_ff]
+            up = matmul(L["ffn_up.weight"], h)  # [T, n_ff]
             (k_.gelu_mul if c.activation == "gelu" else k_.silu_mul)(gate, up)
-            o = k_.matmul(L["ffn_down.weight"], gate)  # [T, d_model]
+            o = matmul(L["ffn_down.weight"], gate)  # [T, d_model]
             if "post_ffw_norm.weight" in L:
                 k_.rmsnorm(o, L["post_ffw_norm.weight"], eps, o)
             k_.add(x, o)
         out = k_.take_rows(x, logit_rows)  # [R, d_model]
         k_.rmsnorm(out, self.output_norm, eps, out)
-        return k_.to_numpy(k_.matmul(self.output, out))  # [R, n_vocab]
+        return k_.to_numpy(matmul(self.output, out))  # [R, n_vocab]
