@@ -59,7 +59,8 @@ def test_empty_prompt_and_too_long_prompt(tiny_path):
 
 def test_closed_stdout_ends_quietly(tiny_path):
     cmd = " ".join(f"'{a}'" for a in PYLLM + ["run", tiny_path, "-p", "go", "--raw", "-n", "200"])
-    r = subprocess.run(f"{cmd} | head -c 3", shell=True, capture_output=True, timeout=300)  # bytes: may cut a char
+    # pipefail: the status is pyllm's, not head's; bytes: head may cut a character
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", f"{cmd} | head -c 3"], capture_output=True, timeout=300)
     assert r.returncode == 0 and b"Traceback" not in r.stderr and b"Error" not in r.stderr
 
 

@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pyllm: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BrokenPipeError:
-        # the reader went away (`| head`): not an error; silence the flush at exit too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        _quiet_exit_on_closed_stdout()
+    except SystemExit as e:
+        if e.code == 1 and _stdout_closed():  # click turns a broken pipe into exit status 1 before we see it
+            _quiet_exit_on_closed_stdout()
+        raise
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
@@ -46,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(130)
     except Exception as e:  # click's usage errors, and anything unexpected
-        import click
-
-        if isinstance(e, click.ClickException):
+        if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):  # a click exception: usage message
             e.show()
             sys.exit(e.exit_code)
         if verbose:
@@ -58,3 +58,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if code:  # without standalone mode, typer returns the code of a typer.Exit (and 130 for Ctrl-C) instead of exiting
         sys.exit(code)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`| head`), or was already pointed at /dev/null after one
+    (rich does that on a broken pipe, then exits 1)."""
+    import select
+
+    try:
+        here, devnull = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+        if (here.st_dev, here.st_ino) == (devnull.st_dev, devnull.st_ino):
+            return True
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_exit_on_closed_stdout():
+    """The reader went away: not an error.  devnull silences the flush of what is still buffered at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
