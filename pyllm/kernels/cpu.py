@@ -108,25 +108,24 @@ def rope(x, pos, n_heads, head_dim, rope_dim, base, pos_scale, freq_factors, neo
                 x[t, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def silu_mul(gate, up):
     """gate <- silu(gate) * up (SwiGLU).  gate, up: [T, n_ff]."""
-    g = gate.reshape(-1)
-    u = up.reshape(-1)
-    for i in range(g.size):
-        v = g[i]
-        g[i] = v / (np.float32(1.0) + np.exp(-v)) * u[i]
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            v = gate[t, i]
+            gate[t, i] = v / (np.float32(1.0) + np.exp(-v)) * up[t, i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def gelu_mul(gate, up):
     """gate <- gelu_tanh(gate) * up (GeGLU, Gemma).  gate, up: [T, n_ff]."""
-    g = gate.reshape(-1)
-    u = up.reshape(-1)
     c = np.float32(math.sqrt(2.0 / math.pi))
-    for i in range(g.size):
-        v = g[i]
-        g[i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v))) * u[i]
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            v = gate[t, i]
+            inner = c * (v + np.float32(0.044715) * v * v * v)
+            gate[t, i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(inner)) * up[t, i]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -142,6 +141,9 @@ def kv_write(k_cache, v_cache, slot, pos, k, v):
                 v_cache[slot[t], h, pos[t], d] = kv_encode(v_cache, v[t, h * hd + d])
 
 
+Q_BLOCK = 16  # queries per attention job: each key/value row is converted once and used by all of them
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
     """Causal attention over the KV cache with grouped-query heads.
@@ -149,43 +151,75 @@ def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
     q: [T, n_heads * head_dim]; k_cache, v_cache: [n_slots, n_kv_heads, n_ctx, head_dim]; slot, pos: [T];
     out: [T, n_heads * head_dim].  Query t sees positions max(0, pos[t] - window + 1) .. pos[t] of its slot
     (window <= 0: no window).  The cache must already hold the keys/values of every position <= pos[t].
+    A job is one head for a block of up to Q_BLOCK consecutive queries; queries of the same slot in a block
+    share each key/value row read.  Every query's arithmetic is the same whatever block it lands in.
     """
     T = q.shape[0]
     n_kv, hd = k_cache.shape[1], k_cache.shape[3]
     n_heads = q.shape[1] // hd
     group = n_heads // n_kv
-    for job in prange(T * n_heads):
-        t = job // n_heads
+    n_blocks = (T + Q_BLOCK - 1) // Q_BLOCK
+    for job in prange(n_blocks * n_heads):
         h = job % n_heads
-        kvh = h // group
-        s = slot[t]
-        hi = pos[t] + 1
-        lo = 0 if window <= 0 else max(0, hi - window)
-        n = hi - lo
-        scores = np.empty(n, dtype=np.float32)
-        qo = h * hd
-        m = np.float32(-3.0e38)
-        for j in range(n):
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[t, qo + d] * kv_load(k_cache[s, kvh, lo + j, d])
-            acc *= scale
-            scores[j] = acc
-            if acc > m:
-                m = acc
-        total = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(scores[j] - m)
-            scores[j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        acc_v = np.zeros(hd, dtype=np.float32)
-        for j in range(n):
-            w = scores[j] * inv
-            for d in range(hd):
-                acc_v[d] += w * kv_load(v_cache[s, kvh, lo + j, d])
+        # pair late (long causal rows) with early blocks: prange hands each thread a contiguous range of jobs
+        b = job // n_heads
+        t = (b // 2 if b % 2 == 0 else n_blocks - 1 - b // 2) * Q_BLOCK
+        end = min(t + Q_BLOCK, T)
+        while t < end:  # runs of queries from one slot (prefill: the whole block; batched decode: one each)
+            run_end = t + 1
+            while run_end < end and slot[run_end] == slot[t]:
+                run_end += 1
+            _attend_run(q, k_cache[slot[t], h // group], v_cache[slot[t], h // group], pos, t, run_end, window,
+                        scale, h * hd, out)
+            t = run_end
+
+
+@njit(fastmath=FASTMATH)
+def _attend_run(q, keys, values, pos, t0, t1, window, scale, qo, out):
+    """Queries t0..t1-1 (one slot) of the head at column qo against keys, values: [n_ctx, head_dim]."""
+    n, hd = t1 - t0, keys.shape[1]
+    lo = np.empty(n, dtype=np.int64)
+    hi = np.empty(n, dtype=np.int64)
+    for r in range(n):
+        hi[r] = pos[t0 + r] + 1
+        lo[r] = 0 if window <= 0 else max(0, hi[r] - window)
+    j0, j1 = lo.min(), hi.max()
+    scores = np.empty((n, j1 - j0), dtype=np.float32)  # [queries, key positions j0..j1-1]
+    row = np.empty(hd, dtype=np.float32)  # one key (then value) row in float32
+    for j in range(j0, j1):
         for d in range(hd):
-            out[t, qo + d] = acc_v[d]
+            row[d] = kv_load(keys[j, d])
+        for r in range(n):
+            if lo[r] <= j < hi[r]:
+                qr = q[t0 + r, qo:qo + hd]
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += qr[d] * row[d]
+                scores[r, j - j0] = acc * scale
+    inv = np.empty(n, dtype=np.float32)
+    for r in range(n):  # softmax over each query's own positions
+        m = np.float32(-3.0e38)
+        for j in range(lo[r], hi[r]):
+            m = max(m, scores[r, j - j0])
+        total = np.float32(0.0)
+        for j in range(lo[r], hi[r]):
+            e = np.exp(scores[r, j - j0] - m)
+            scores[r, j - j0] = e
+            total += e
+        inv[r] = np.float32(1.0) / total
+    acc_v = np.zeros((n, hd), dtype=np.float32)  # [queries, head_dim]
+    for j in range(j0, j1):
+        for d in range(hd):
+            row[d] = kv_load(values[j, d])
+        for r in range(n):
+            if lo[r] <= j < hi[r]:
+                w = scores[r, j - j0] * inv[r]
+                acc_r = acc_v[r]
+                for d in range(hd):
+                    acc_r[d] += w * row[d]
+    for r in range(n):
+        for d in range(hd):
+            out[t0 + r, qo + d] = acc_v[r, d]
 
 
 # --- array helpers of the backend interface: host numpy arrays on the CPU -------------------------------
