@@ -16,7 +16,30 @@ from datetime import date
 
 import numpy as np
 
-BANDWIDTH = 12.5e9  # bytes/s this machine reads with 2 threads (DESIGN.md); generation's ceiling
+
+
+def read_bandwidth() -> float:
+    """Bytes/s this machine streams from memory with the benchmark's threads (best of 5 passes over 1 GB):
+    generation reads every weight once per token, so this bounds its tokens/s."""
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def checksum(a):
+        total = 0
+        for i in prange(a.size):
+            total += a[i]
+        return total
+
+    data = np.ones(1 << 27, dtype=np.int64)  # 1 GiB, far larger than any cache
+    checksum(data)
+    best = min(_timed(checksum, data) for _ in range(5))
+    return data.nbytes / best
+
+
+def _timed(f, *args) -> float:
+    t0 = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - t0
 
 
 def weight_bytes_per_token(model) -> int:
@@ -66,6 +89,8 @@ def main():
     from pyllm import registry
 
     numba.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s with {args.threads} threads", flush=True)
     rng = np.random.default_rng(0)
     rows = []
     for name in args.models:
@@ -73,7 +98,7 @@ def main():
         model = pyllm.load(path, device="cpu")
         llm = Llama(model_path=path, n_ctx=args.n_prompt + 16, n_batch=args.n_prompt, n_threads=args.threads,
                     n_threads_batch=args.threads, verbose=False)
-        limit = BANDWIDTH / weight_bytes_per_token(model)
+        limit = bandwidth / weight_bytes_per_token(model)
         for kind, n in (("pp", args.n_prompt), ("tg", args.n_gen)):
             tokens = rng.integers(100, model.config.n_vocab - 100, size=n).tolist()
             time_pyllm(model, kind, tokens[:16])  # warm-up: kernels loaded, pages touched
@@ -87,8 +112,8 @@ def main():
             print(f"{name} {kind}{n}: pyllm {o:.1f} tok/s, llama.cpp {t:.1f} tok/s, ratio {o / t:.2f}", flush=True)
         del llm
 
-    print(f"\n{date.today()}, {platform.machine()} {platform.processor() or ''}, {args.threads} threads, "
-          f"median of {args.reps}\n")
+    print(f"\n{date.today()}, {platform.machine()}, {args.threads} threads, median of {args.reps}, memory read "
+          f"{bandwidth / 1e9:.1f} GB/s\n")
     print("| model | test | pyllm tok/s | llama.cpp tok/s | ratio | of bandwidth limit |")
     print("|---|---|---|---|---|---|")
     for name, test, o, t, ratio, frac in rows:
