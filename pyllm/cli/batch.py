@@ -178,7 +178,7 @@ def batch(
     unordered: Annotated[bool, typer.Option("--unordered", help="write each result as soon as it is done, not "
                                             "in input order")] = False,
     parallel: Annotated[Optional[int], typer.Option("--parallel", help="sequences decoded together (default: "
-                                                    "from the model and free memory, at most 7)",
+                                                    "from the model and free memory, at most 8)",
                                                     show_default=False)] = None,
     max_tokens: MaxTokens = -1,
     temp: Temp = 0.8,
