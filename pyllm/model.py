@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import ContextError, PyllmError, UnsupportedError
+from .errors import ContextError, GGUFError, PyllmError, UnsupportedError
 from .gguf import GGUFFile
 from .kernels import get_backend
 from .kv_cache import KVCache
@@ -30,11 +30,11 @@ class Model:
         self.config = module.config(meta, self.path)
         self.tokenizer = _tokenizer(meta, self.path)
         if self.tokenizer.n_vocab != self.config.n_vocab:
-            from .errors import GGUFError
             raise GGUFError(f"{self.path}: the vocabulary has {self.tokenizer.n_vocab} tokens but the model "
                             f"expects {self.config.n_vocab}")
         self.transformer = Transformer(self.gguf, self.config, module.REQUIRED, get_backend(device))
         self.fingerprint = self.gguf.fingerprint()
+        self._templates: dict = {}  # override -> checked ChatTemplate (or None): rendering a probe costs ms
 
     @property
     def metadata(self) -> dict:
@@ -52,7 +52,9 @@ class Model:
         against the vocabulary; None when the model has none (a base model: prompts go in as plain text)."""
         from .validate import chat_template_for
 
-        return chat_template_for(self.metadata, self.tokenizer, override)
+        if override not in self._templates:
+            self._templates[override] = chat_template_for(self.metadata, self.tokenizer, override)
+        return self._templates[override]
 
     # --- evaluation ------------------------------------------------------------------------------------
     def new_cache(self, n_ctx: int | None = None, n_slots: int = 1, kv_type: str = "f16") -> KVCache:

@@ -203,7 +203,6 @@ def batch(
     (or text line) per prompt on stdout."""
     from ..batch import ContinuousBatch, Request, default_parallel
     from ..chat import render_tokens
-    from ..chat_template import ChatTemplate
 
     if output_format not in FORMATS:
         raise PyllmError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
@@ -214,18 +213,18 @@ def batch(
     m = load_model(model, verbose, device)
     n_ctx = ctx_size or min(m.config.ctx_train, 4096)
     engine = ContinuousBatch(m, default_parallel(m, n_ctx, kv_type) if parallel is None else parallel, n_ctx, kv_type)
-    template = []  # the chat template for "messages" lines, built on first use
 
     def request(index: int, fields: dict) -> Request:
         if "messages" in fields:
             if raw:
                 raise BadLine("\"messages\" need the chat template (drop --raw)")
-            if not template:
-                template.append(ChatTemplate.for_model(m.metadata))
+            template = m.chat_template()
+            if template is None:
+                raise BadLine("\"messages\" need a chat template, and the model has none")
             system_text = fields.get("system", system)
             messages = ([{"role": "system", "content": system_text}] if system_text and
                         fields["messages"][0]["role"] != "system" else []) + fields["messages"]
-            ids = render_tokens(m, template[0], messages)
+            ids = render_tokens(m, template, messages)
         else:
             ids = prompt_tokens(m, fields["prompt"], raw, fields.get("system", system))
         limit = fields.get("max_tokens", max_tokens)
