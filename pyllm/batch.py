@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from .errors import PyllmError
 from .generate import Stats, TextStream, prefill
-from .kv_cache import KV_TYPES
+from .kv_cache import kv_dtype
 from .sampling import Sampler
 
 # Decoding steps compute every row exactly as for a lone sequence, whatever the batch size.  The int8 kernel
@@ -162,7 +164,7 @@ class ContinuousBatch:
 def default_parallel(model, n_ctx: int, kv_type: str = "f16") -> int:
     """MAX_DEFAULT_PARALLEL, or fewer when full-length KV slots would take over a quarter of the free memory."""
     c = model.config
-    per_slot = 2 * c.n_layers * c.n_kv_heads * n_ctx * c.head_dim * KV_TYPES[kv_type]().itemsize
+    per_slot = 2 * c.n_layers * c.n_kv_heads * n_ctx * c.head_dim * np.dtype(kv_dtype(kv_type)).itemsize
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not Linux: trust the cap
@@ -173,7 +175,7 @@ def default_parallel(model, n_ctx: int, kv_type: str = "f16") -> int:
 def generate_batch(model, requests: Iterable[Request], n_parallel: int | None = None, n_ctx: int | None = None,
                    kv_type: str = "f16") -> Iterator[Result]:
     """Run requests with continuous batching; yields each Result as its sequence ends (not in input order)."""
-    n_ctx = n_ctx or min(model.config.ctx_train, 4096)
+    n_ctx = model.context_size(n_ctx)
     batch = ContinuousBatch(model, n_parallel or default_parallel(model, n_ctx, kv_type), n_ctx, kv_type)
     it = iter(requests)
     yield from batch.run(lambda block: next(it, None))

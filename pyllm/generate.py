@@ -47,8 +47,7 @@ def prefill(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, slot:
     reuse = min(cache.common_prefix(prompt, slot), len(prompt) - 1)
     cache.trim(reuse, slot)
     stats.n_reused, stats.n_prefill = reuse, len(prompt) - reuse
-    for t in prompt[-64:]:
-        sampler.accept(t)
+    sampler.accept_prompt(prompt)
     t0 = time.perf_counter()
     logits = model.eval(cache, prompt[reuse:], slot=slot)
     stats.prefill_s = time.perf_counter() - t0

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import PyllmError
 from .models.config import ModelConfig
 
 KV_TYPES = {"f16": np.uint16, "f32": np.float32}  # f16 is stored as its bit pattern: numba has no float16
+
+
+def kv_dtype(kv_type: str):
+    """The array dtype of a --kv-type name."""
+    if kv_type not in KV_TYPES:
+        raise PyllmError(f"--kv-type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
+    return KV_TYPES[kv_type]
 
 
 class KVCache:
@@ -14,13 +22,12 @@ class KVCache:
     memory only as it fills."""
 
     def __init__(self, config: ModelConfig, n_ctx: int, n_slots: int = 1, kv_type: str = "f16", backend=None):
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, not {kv_type!r}")
+        dtype = kv_dtype(kv_type)
         self.n_ctx, self.n_slots, self.kv_type = n_ctx, n_slots, kv_type
         shape = (config.n_layers, n_slots, config.n_kv_heads, n_ctx, config.head_dim)
         zeros = backend.zeros if backend is not None else np.zeros
-        self.k = zeros(shape, KV_TYPES[kv_type])  # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
-        self.v = zeros(shape, KV_TYPES[kv_type])  # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
+        self.k = zeros(shape, dtype)  # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
+        self.v = zeros(shape, dtype)  # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
 
     def trim(self, n: int, slot: int = 0) -> None:
@@ -36,7 +43,3 @@ class KVCache:
                 break
             n += 1
         return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

@@ -57,9 +57,16 @@ class Model:
         return self._templates[override]
 
     # --- evaluation ------------------------------------------------------------------------------------
+    def context_size(self, requested: int | None = None) -> int:
+        """A --ctx-size value, or the default: the model's training context, at most 4096."""
+        if requested is None:
+            return min(self.config.ctx_train, 4096)
+        if requested < 1:
+            raise PyllmError(f"--ctx-size must be at least 1, not {requested}")
+        return requested
+
     def new_cache(self, n_ctx: int | None = None, n_slots: int = 1, kv_type: str = "f16") -> KVCache:
-        return KVCache(self.config, n_ctx or min(self.config.ctx_train, 4096), n_slots, kv_type,
-                       self.transformer.backend)
+        return KVCache(self.config, self.context_size(n_ctx), n_slots, kv_type, self.transformer.backend)
 
     def eval(self, cache: KVCache, tokens: list[int], slot: int = 0, all_logits: bool = False,
              n_batch: int = DEFAULT_BATCH) -> np.ndarray:

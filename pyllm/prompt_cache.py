@@ -383,7 +383,10 @@ class PromptCacheFile:
                     self.warn(f"prompt cache {self.path}: not a pyllm prompt cache file; not overwritten")
                     return None
         except FileNotFoundError:
-            pass
+            pass  # the first run creates it
+        except OSError as e:
+            self.warn(f"prompt cache {self.path}: cannot save: {e.strerror or e}")
+            return None
         try:
             write_entry(self.path, model, cache, slot, n_tokens)
         except OSError as e:

@@ -59,14 +59,12 @@ def models_dir() -> Path:
     return Path.home() / ".cache" / "pyllm" / "models"
 
 
-def resolve(name_or_path: str | None, pull_missing: bool = True, progress=None) -> Path:
+def resolve(name_or_path: str | None, progress=None) -> Path:
     """A model argument -> a GGUF path: an existing file, or a known name (pulled when missing)."""
     name_or_path = name_or_path or DEFAULT_MODEL
     if name_or_path in KNOWN:
         path = models_dir() / KNOWN[name_or_path].file
         if not path.exists():
-            if not pull_missing:
-                raise PyllmError(f"model {name_or_path!r} is not pulled yet: run `pyllm pull {name_or_path}`")
             pull(name_or_path, progress=progress)
         return path
     path = Path(name_or_path).expanduser()

@@ -8,6 +8,8 @@ from collections import deque
 
 import numpy as np
 
+from .errors import PyllmError
+
 
 def apply_penalties(logits: np.ndarray, recent: list[int], repeat: float, presence: float,
                     frequency: float) -> np.ndarray:
@@ -61,6 +63,13 @@ class Sampler:
     def __init__(self, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  repeat_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  penalty_last_n: int = 64, seed: int | None = None):
+        for name, value, ok, rule in (
+                ("temperature", temperature, temperature >= 0, "at least 0"), ("top_k", top_k, top_k >= 0, "at least 0"),
+                ("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1"), ("min_p", min_p, 0 <= min_p <= 1,
+                                                                            "between 0 and 1"),
+                ("repeat_penalty", repeat_penalty, repeat_penalty > 0, "above 0")):
+            if not ok:
+                raise PyllmError(f"{name} must be {rule}, not {value}")
         self.temperature, self.k, self.p, self.min_p = temperature, top_k, top_p, min_p
         self.repeat, self.presence, self.frequency = repeat_penalty, presence_penalty, frequency_penalty
         self.recent: deque[int] = deque(maxlen=max(penalty_last_n, 0) or None)
@@ -68,6 +77,10 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         self.recent.append(int(token))
+
+    def accept_prompt(self, tokens: list[int]) -> None:
+        """The prompt's tokens count for the penalties too (as far back as the window reaches)."""
+        self.recent.extend(int(t) for t in tokens[-(self.recent.maxlen or len(tokens)):])
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = apply_penalties(logits, list(self.recent), self.repeat, self.presence, self.frequency)

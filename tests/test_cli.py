@@ -82,3 +82,20 @@ def test_real_model_paris(smollm2):
     r = pyllm("run", str(smollm2), "-p", "The capital of France is", "--raw", "--temp", "0", "-n", "8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" Paris.")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-type", "f8"], "--kv-type must be one of"),
+    (["--ctx-size", "-5"], "--ctx-size must be at least 1"),
+    (["--min-p", "2"], "min_p must be between 0 and 1"),
+    (["--top-p", "0"], "top_p must be above 0"),
+    (["--temp", "-1"], "temperature must be at least 0"),
+])
+def test_bad_option_values_are_one_line(tiny_path, args, message):
+    r = pyllm("run", tiny_path, "-p", "hi", "--raw", "-n", "2", *args)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_prompt_cache_path_that_is_a_directory_is_a_warning(tiny_path, tmp_path):
+    r = pyllm("run", tiny_path, "-p", "hi", "--raw", "-n", "2", "--prompt-cache", str(tmp_path))
+    assert r.returncode == 0 and "warning" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import queue
 import sys
 import threading
@@ -211,7 +210,7 @@ def batch(
     set_threads(threads)
     stream, source_name = open_input(input)
     m = load_model(model, verbose, device)
-    n_ctx = ctx_size or min(m.config.ctx_train, 4096)
+    n_ctx = m.context_size(ctx_size)
     engine = ContinuousBatch(m, default_parallel(m, n_ctx, kv_type) if parallel is None else parallel, n_ctx, kv_type)
 
     def request(index: int, fields: dict) -> Request:
@@ -262,22 +261,16 @@ def batch(
     bar = progress_bar()
     task = bar.add_task("batch", total=None, failed=0, tps=0.0) if bar else None
     t0 = time.perf_counter()
-    try:
-        try:
-            with bar or contextlib.nullcontext():
-                for result in engine.run(take):
-                    out.result(result.id, *lines_of.pop(result.id), result)
-                    if bar:
-                        bar.update(task, completed=out.n_done, failed=out.n_failed,
-                                   tps=engine.n_decoded / max(engine.decode_s, 1e-9))
-        except KeyboardInterrupt:
-            out.drain()
-            raise typer.Exit(130)
-    except BrokenPipeError:
-        # the reader went away (`| head`): not an error.  Handled here because typer turns it into exit status 1
-        # before main() sees it; devnull silences the flush at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0)
+    try:  # a closed stdout (`| head`) ends quietly through main()
+        with bar or contextlib.nullcontext():
+            for result in engine.run(take):
+                out.result(result.id, *lines_of.pop(result.id), result)
+                if bar:
+                    bar.update(task, completed=out.n_done, failed=out.n_failed,
+                               tps=engine.n_decoded / max(engine.decode_s, 1e-9))
+    except KeyboardInterrupt:
+        out.drain()
+        raise typer.Exit(130)
     if verbose or err.is_terminal:
         wall = time.perf_counter() - t0
         err.print(f"[dim]{out.n_done} prompts ({out.n_failed} failed) in {wall:.1f} s, {engine.cache.n_slots} "

@@ -76,7 +76,7 @@ def run(
         raise PyllmError("the prompt is empty")
     m = load_model(model, verbose, device)
     ids = prompt_tokens(m, text, raw, system)
-    n_ctx = ctx_size or min(m.config.ctx_train, 4096)
+    n_ctx = m.context_size(ctx_size)
     cache = m.new_cache(n_ctx, kv_type=kv_type)
     if prefix_cache is not None:
         prefix_cache.restore(m, cache, ids)

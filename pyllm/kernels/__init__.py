@@ -5,8 +5,6 @@ import ctypes
 import os
 import sys
 
-import os
-
 from ..errors import PyllmError
 
 # numba's OpenMP threads spin ~300k times waiting for the next parallel region.  On a busy machine that spinning
