@@ -11,7 +11,7 @@ import numpy as np
 from .errors import PyllmError
 
 
-def apply_penalties(logits: np.ndarray, recent: list[int], repeat: float, presence: float,
+def apply_penalties(logits: np.ndarray, recent, repeat: float, presence: float,
                     frequency: float) -> np.ndarray:
     """llama.cpp's penalties over the recent tokens: repeat divides positive logits (multiplies negative
     ones); presence subtracts once per distinct token, frequency once per occurrence."""
@@ -26,11 +26,14 @@ def apply_penalties(logits: np.ndarray, recent: list[int], repeat: float, presen
     return out
 
 
-def top_k(ids: np.ndarray, logits: np.ndarray, k: int):
-    """Keep the k largest (ids, logits), sorted descending."""
+def top_k(ids: np.ndarray | None, logits: np.ndarray, k: int):
+    """Keep the k largest (ids, logits), sorted descending.  ids None: the logits' own indices (no arange of
+    the whole vocabulary per token)."""
     if 0 < k < len(logits):
-        keep = np.argpartition(-logits, k - 1)[:k]
-        ids, logits = ids[keep], logits[keep]
+        keep = np.argpartition(logits, len(logits) - k)[len(logits) - k:]
+        ids, logits = (keep if ids is None else ids[keep]), logits[keep]
+    elif ids is None:
+        ids = np.arange(len(logits))
     order = np.argsort(-logits, kind="stable")
     return ids[order], logits[order]
 
@@ -83,10 +86,11 @@ class Sampler:
         self.recent.extend(int(t) for t in tokens[-(self.recent.maxlen or len(tokens)):])
 
     def __call__(self, logits: np.ndarray) -> int:
-        logits = apply_penalties(logits, list(self.recent), self.repeat, self.presence, self.frequency)
+        logits = apply_penalties(logits, self.recent, self.repeat, self.presence, self.frequency)
         if self.temperature <= 0.0:
             return int(np.argmax(logits))
-        ids, vals = top_k(np.arange(len(logits)), logits.astype(np.float64), self.k)
+        ids, vals = top_k(None, logits, self.k)
+        vals = vals.astype(np.float64)  # only the kept candidates: probabilities summed in double
         ids, vals = top_p(ids, vals, self.p)
         ids, vals = min_p(ids, vals, self.min_p)
         probs = softmax(vals / self.temperature)
