@@ -34,6 +34,13 @@ SETTINGS = {
 }
 
 
+def with_system(system: str | None, messages: list[dict]) -> list[dict]:
+    """`messages` after a system message, when there is a system prompt and they do not start with their own."""
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
 def render_tokens(model, template, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """The token ids of `messages` rendered by the chat template (no second BOS when the template renders one)."""
     text = template.render(messages, add_generation_prompt=add_generation_prompt)
@@ -62,7 +69,7 @@ class Chat:
 
     @property
     def messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+        return with_system(self.system, self.turns)
 
     @property
     def n_ctx(self) -> int:
@@ -114,8 +121,7 @@ class Chat:
         turns = list(self.turns)
         dropped = 0
         while True:
-            system = [{"role": "system", "content": self.system}] if self.system else []
-            prompt = render_tokens(self.model, self.template, system + turns)
+            prompt = render_tokens(self.model, self.template, with_system(self.system, turns))
             if len(prompt) + self._reply_room() <= self.n_ctx:
                 break
             users = [i for i, t in enumerate(turns) if t["role"] == "user"]

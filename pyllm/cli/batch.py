@@ -201,7 +201,7 @@ def batch(
     optional id, max_tokens, temperature, top_p, seed, stop, system) with continuous batching: one JSON line
     (or text line) per prompt on stdout."""
     from ..batch import ContinuousBatch, Request, default_parallel
-    from ..chat import render_tokens
+    from ..chat import render_tokens, with_system
 
     if output_format not in FORMATS:
         raise PyllmError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
@@ -220,10 +220,7 @@ def batch(
             template = m.chat_template()
             if template is None:
                 raise BadLine("\"messages\" need a chat template, and the model has none")
-            system_text = fields.get("system", system)
-            messages = ([{"role": "system", "content": system_text}] if system_text and
-                        fields["messages"][0]["role"] != "system" else []) + fields["messages"]
-            ids = render_tokens(m, template, messages)
+            ids = render_tokens(m, template, with_system(fields.get("system", system), fields["messages"]))
         else:
             ids = prompt_tokens(m, fields["prompt"], raw, fields.get("system", system))
         limit = fields.get("max_tokens", max_tokens)

@@ -23,14 +23,12 @@ def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_pen
 
 def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> list[int]:
     """The prompt's token ids: through the model's chat template unless raw (or the model has none)."""
-    from ..chat import render_tokens
+    from ..chat import render_tokens, with_system
 
     if not raw:
         template = model.chat_template()
         if template is not None:
-            messages = ([{"role": "system", "content": system}] if system else []) + \
-                [{"role": "user", "content": text}]
-            return render_tokens(model, template, messages)
+            return render_tokens(model, template, with_system(system, [{"role": "user", "content": text}]))
     return model.tokenize(text, add_special=True, parse_special=True)
 
 
