@@ -47,6 +47,15 @@ def render_tokens(model, template, messages: list[dict], add_generation_prompt: 
     return model.tokenize(text, add_special=not template.renders_bos(), parse_special=True)
 
 
+def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> list[int]:
+    """The prompt's token ids: through the model's chat template unless raw (or the model has none)."""
+    if not raw:
+        template = model.chat_template()
+        if template is not None:
+            return render_tokens(model, template, with_system(system, [{"role": "user", "content": text}]))
+    return model.tokenize(text, add_special=True, parse_special=True)
+
+
 class Chat:
     """A multi-turn conversation over one KV cache slot.
 

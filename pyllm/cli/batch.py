@@ -13,15 +13,14 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Annotated, Any, BinaryIO, List, Optional
 
 import typer
 
 from . import app
 from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
-                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, set_threads)
-from .run import prompt_tokens, sampler_from_options
+                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, sampler_from_options,
+                     set_threads)
 from ..errors import PyllmError
 
 FORMATS = ("jsonl", "text")
@@ -201,7 +200,7 @@ def batch(
     optional id, max_tokens, temperature, top_p, seed, stop, system) with continuous batching: one JSON line
     (or text line) per prompt on stdout."""
     from ..batch import ContinuousBatch, Request, default_parallel
-    from ..chat import render_tokens, with_system
+    from ..chat import prompt_tokens, render_tokens, with_system
 
     if output_format not in FORMATS:
         raise PyllmError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")

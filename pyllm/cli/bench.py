@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -80,7 +79,7 @@ def bench(
     if output == "json":
         print(json.dumps(info, indent=2))
         return
-    print(f"| model | size | threads | test | t/s |\n|---|---|---|---|---|")
+    print("| model | size | threads | test | t/s |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {info['model']} | {info['size_mb']} MiB | {info['threads']} | {r['test']} | "
               f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f} |")

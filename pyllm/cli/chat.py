@@ -13,8 +13,8 @@ from ..errors import PyllmError
 from . import app
 from .cache import NoPromptCache, PromptCacheDir, PromptCacheMaxSize, PromptCacheRo, open_prompt_cache, warn
 from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
-                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, set_threads)
-from .run import sampler_from_options
+                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, sampler_from_options,
+                     set_threads)
 
 HISTORY = Path.home() / ".cache" / "pyllm" / "chat_history"
 BLOCK = '"""'

@@ -108,3 +108,10 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     if prompt is None:
         raise PyllmError("no prompt: use -p TEXT, -f FILE, or pipe text on stdin")
     return prompt
+
+
+def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed):
+    from ..sampling import Sampler
+
+    return Sampler(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)

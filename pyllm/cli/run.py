@@ -11,25 +11,8 @@ from . import app
 from .cache import (NoPromptCache, PromptCacheAll, PromptCacheDir, PromptCacheFile, PromptCacheMaxSize, PromptCacheRo,
                     open_prompt_cache)
 from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
-                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, read_prompt, set_threads)
-
-
-def sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed):
-    from ..sampling import Sampler
-
-    return Sampler(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
-
-
-def prompt_tokens(model, text: str, raw: bool, system: str | None = None) -> list[int]:
-    """The prompt's token ids: through the model's chat template unless raw (or the model has none)."""
-    from ..chat import render_tokens, with_system
-
-    if not raw:
-        template = model.chat_template()
-        if template is not None:
-            return render_tokens(model, template, with_system(system, [{"role": "user", "content": text}]))
-    return model.tokenize(text, add_special=True, parse_special=True)
+                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, read_prompt, sampler_from_options,
+                     set_threads)
 
 
 @app.command()
@@ -62,6 +45,7 @@ def run(
     verbose: Verbose = False,
 ):
     """Generate text for one prompt, streamed to stdout as it is produced."""
+    from ..chat import prompt_tokens
     from ..generate import Stats, generate, stream_text
 
     set_threads(threads)

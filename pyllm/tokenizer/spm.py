@@ -12,7 +12,6 @@ normalizer is the identity: no NFKC, no dummy prefix, no whitespace folding; the
 
 from __future__ import annotations
 
-import struct
 
 import numpy as np
 
