@@ -112,6 +112,23 @@ def test_rows_do_not_depend_on_T(qtype, path):
         assert np.array_equal(qmatmul.matmul(w, x[:T], path=path), alone[:T]), f"T={T}"
 
 
+@pytest.mark.parametrize("n_in", [32, 96, 544, 608])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda t: t.name)
+def test_int8_block_pairs_with_an_odd_block_count(qtype, n_in):
+    """The int8 kernel takes 32-blocks two at a time; an odd count ends on a half pair (and 608 = 19 blocks
+    crosses the 16-block vector of the offset terms)."""
+    rng = np.random.default_rng(8)
+    w = make_weight(qtype, 21, n_in, rng)
+    x = rng.standard_normal((9, n_in)).astype(np.float32)
+    x[:, -32:] *= 30  # the last (unpaired) block matters
+    y = qmatmul.matmul(w, x, path="int8")
+    wref = reference(w).astype(np.float64)
+    roundoff = 1e-5 * (np.abs(x.astype(np.float64)) @ np.abs(wref).T)
+    assert np.all(np.abs(y - int8_blocks(x)[0] @ wref.T) <= roundoff)
+    alone = np.concatenate([qmatmul.matmul(w, x[t:t + 1], path="int8") for t in range(9)])
+    assert np.array_equal(y, alone)
+
+
 def test_auto_path_switches_at_prefill_min_t():
     rng = np.random.default_rng(7)
     w = make_weight(Q.Q4_1, 9, N_IN, rng)
@@ -129,17 +146,17 @@ def test_portable_block_dots(qtype, monkeypatch):
     """The IR compiled for CPUs without AVX-512 VNNI (the kernels above use vpdpbusd on this one)."""
     monkeypatch.setattr(qmatmul, "_PORTABLE_IR", True)
     code = int(qtype)  # a closure constant: numba sees it as a literal, as _row_dots32 requires
-    row_dots = numba.njit(lambda w, xq, xd, xs, xm, res: qmatmul._row_dots32(code, w, xq, xd, xs, xm, res))  # uncached
+    row_dots = numba.njit(lambda w, xq, xdv, xm, mrow, res: qmatmul._row_dots32(code, w, xq, xdv, xm, mrow, res))  # uncached
     rng = np.random.default_rng(5)
-    w = make_weight(qtype, 3, N_IN, rng)
-    x = rng.standard_normal((1, N_IN)).astype(np.float32)
-    xq = np.empty((1, N_IN), np.int8)
-    xd, xs, xm = np.empty((1, N_IN // 32), np.float32), np.empty((1, N_IN // 16), np.int32), np.empty((1, N_IN // 32), np.float32)
-    qmatmul._quantize_act(x, xq, xd, xs, xm)
-    res = np.empty(1, np.float32)
+    n_in = N_IN + 32  # an odd number of blocks: the last pair has one
+    w = make_weight(qtype, 3, n_in, rng)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    xq, xd, xs, xm, xdv = qmatmul._act_buffers(1, n_in)
+    qmatmul._quantize_act(x, xq, xd, xs, xm, xdv)
+    res, mrow = np.empty(1, np.float32), np.zeros(xm.shape[1], np.float32)
     y = []
     for r in range(3):
-        row_dots(w.data[r], xq, xd, xs, xm, res)
+        row_dots(w.data[r], xq, xdv, xm, mrow, res)
         y.append(res[0])
     wref = reference(w).astype(np.float64)
     assert "vpdpbusd" not in row_dots.inspect_asm(row_dots.signatures[0])

@@ -141,7 +141,7 @@ def kv_write(k_cache, v_cache, slot, pos, k, v):
                 v_cache[slot[t], h, pos[t], d] = kv_encode(v_cache, v[t, h * hd + d])
 
 
-Q_BLOCK = 16  # queries per attention job: each key/value row is converted once and used by all of them
+Q_BLOCK = 16  # queries of one slot per attention job: each key/value row is converted once and used by all
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -151,50 +151,55 @@ def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
     q: [T, n_heads * head_dim]; k_cache, v_cache: [n_slots, n_kv_heads, n_ctx, head_dim]; slot, pos: [T];
     out: [T, n_heads * head_dim].  Query t sees positions max(0, pos[t] - window + 1) .. pos[t] of its slot
     (window <= 0: no window).  The cache must already hold the keys/values of every position <= pos[t].
-    A job is one head for a block of up to Q_BLOCK consecutive queries; queries of the same slot in a block
-    share each key/value row read.  Every query's arithmetic is the same whatever block it lands in.
+    A job is one key/value head for a run of up to Q_BLOCK consecutive queries of one slot (prefill: a block
+    of the prompt; batched decode: one sequence's query): every query head of its group shares each key/value
+    row read.  Every query's arithmetic is the same whatever run it lands in.
     """
     T = q.shape[0]
     n_kv, hd = k_cache.shape[1], k_cache.shape[3]
-    n_heads = q.shape[1] // hd
-    group = n_heads // n_kv
-    n_blocks = (T + Q_BLOCK - 1) // Q_BLOCK
-    for job in prange(n_blocks * n_heads):
-        h = job % n_heads
-        # pair late (long causal rows) with early blocks: prange hands each thread a contiguous range of jobs
-        b = job // n_heads
-        t = (b // 2 if b % 2 == 0 else n_blocks - 1 - b // 2) * Q_BLOCK
-        end = min(t + Q_BLOCK, T)
-        while t < end:  # runs of queries from one slot (prefill: the whole block; batched decode: one each)
-            run_end = t + 1
-            while run_end < end and slot[run_end] == slot[t]:
-                run_end += 1
-            _attend_run(q, k_cache[slot[t], h // group], v_cache[slot[t], h // group], pos, t, run_end, window,
-                        scale, h * hd, out)
-            t = run_end
+    group = q.shape[1] // hd // n_kv
+    starts = np.empty(T + 1, dtype=np.int64)  # runs: queries starts[i] .. starts[i+1]-1
+    n_runs = 0
+    for t in range(T):
+        if t == 0 or slot[t] != slot[t - 1] or t - starts[n_runs - 1] == Q_BLOCK:
+            starts[n_runs] = t
+            n_runs += 1
+    starts[n_runs] = T
+    for job in prange(n_runs * n_kv):
+        h = job % n_kv
+        # pair late (long causal rows) with early runs: prange hands each thread a contiguous range of jobs
+        b = job // n_kv
+        i = b // 2 if b % 2 == 0 else n_runs - 1 - b // 2
+        t0, t1 = starts[i], starts[i + 1]
+        _attend_run(q, k_cache[slot[t0], h], v_cache[slot[t0], h], pos, t0, t1, h * group, group, window, scale,
+                    out)
 
 
 @njit(fastmath=FASTMATH)
-def _attend_run(q, keys, values, pos, t0, t1, window, scale, qo, out):
-    """Queries t0..t1-1 (one slot) of the head at column qo against keys, values: [n_ctx, head_dim]."""
-    n, hd = t1 - t0, keys.shape[1]
+def _attend_run(q, keys, values, pos, t0, t1, h0, group, window, scale, out):
+    """Queries t0..t1-1 (one slot) of query heads h0..h0+group-1 against keys, values: [n_ctx, head_dim]."""
+    hd = keys.shape[1]
+    n = (t1 - t0) * group  # query rows: r = query * group + head
     lo = np.empty(n, dtype=np.int64)
     hi = np.empty(n, dtype=np.int64)
+    qr = np.empty((n, hd), dtype=np.float32)  # [query rows, head_dim], contiguous for the dots below
     for r in range(n):
-        hi[r] = pos[t0 + r] + 1
+        t, qo = t0 + r // group, (h0 + r % group) * hd
+        hi[r] = pos[t] + 1
         lo[r] = 0 if window <= 0 else max(0, hi[r] - window)
+        for d in range(hd):
+            qr[r, d] = q[t, qo + d]
     j0, j1 = lo.min(), hi.max()
-    scores = np.empty((n, j1 - j0), dtype=np.float32)  # [queries, key positions j0..j1-1]
+    scores = np.empty((n, j1 - j0), dtype=np.float32)  # [query rows, key positions j0..j1-1]
     row = np.empty(hd, dtype=np.float32)  # one key (then value) row in float32
     for j in range(j0, j1):
         for d in range(hd):
             row[d] = kv_load(keys[j, d])
         for r in range(n):
             if lo[r] <= j < hi[r]:
-                qr = q[t0 + r, qo:qo + hd]
                 acc = np.float32(0.0)
                 for d in range(hd):
-                    acc += qr[d] * row[d]
+                    acc += qr[r, d] * row[d]
                 scores[r, j - j0] = acc * scale
     inv = np.empty(n, dtype=np.float32)
     for r in range(n):  # softmax over each query's own positions
@@ -207,19 +212,19 @@ def _attend_run(q, keys, values, pos, t0, t1, window, scale, qo, out):
             scores[r, j - j0] = e
             total += e
         inv[r] = np.float32(1.0) / total
-    acc_v = np.zeros((n, hd), dtype=np.float32)  # [queries, head_dim]
+    acc_v = np.zeros((n, hd), dtype=np.float32)  # [query rows, head_dim]
     for j in range(j0, j1):
         for d in range(hd):
             row[d] = kv_load(values[j, d])
         for r in range(n):
             if lo[r] <= j < hi[r]:
                 w = scores[r, j - j0] * inv[r]
-                acc_r = acc_v[r]
                 for d in range(hd):
-                    acc_r[d] += w * row[d]
+                    acc_v[r, d] += w * row[d]
     for r in range(n):
+        t, qo = t0 + r // group, (h0 + r % group) * hd
         for d in range(hd):
-            out[t0 + r, qo + d] = acc_v[r, d]
+            out[t, qo + d] = acc_v[r, d]
 
 
 # --- array helpers of the backend interface: host numpy arrays on the CPU -------------------------------

@@ -142,46 +142,87 @@ def _f16(typingctx, a, off):
 
 
 # Legacy 32-value blocks: (block bytes, offset of the 32-bit high-bit word or -1, offset of the quants,
-# offset of the fp16 min or -1, constant offset of the values: value = d * (q - offset) [+ m]).
-_BLOCK32 = {Q8_0: (34, -1, 2, -1, 0), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1, 4, 2, 0),
+# offset of the fp16 min or -1, constant offset of the unsigned values: value = d * (q - offset) [+ m]).
+# Q8_0's signed bytes are read as q = w + 128 (flipping the top bit), so every type's q is unsigned: the
+# vpdpbusd operand form, with no per-row sign handling.
+_BLOCK32 = {Q8_0: (34, -1, 2, -1, 128), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1, 4, 2, 0),
             Q5_0: (22, 2, 6, -1, 16), Q5_1: (24, 4, 8, 2, 0)}
 
-# Activation rows that share one unpacked weight block, largest first: T=13 runs as 8 + 4 + 1.
+# Activation rows that share one unpacked weight block pair, largest first: T=13 runs as 8 + 4 + 1.
 _GROUPS = (8, 4, 2, 1)
 
+_f32t = ir.FloatType()
+_v16f = _vec(_f32t, 16)
 
-def _block32_quants(context, builder, wty, w, o, qtype):
-    """One block's 32 values as unsigned <32 x i8>, plus (Q8_0 only) the <32 x i1> signs to move onto x."""
-    _, qh_off, qs_off, _, _ = _BLOCK32[qtype]
+
+def _fvec(builder, values):
+    """<16 x float>: values[i] in lanes 8i..8i+7 (one scale per 32-value block, as vpdpbusd lays out sums)."""
+    v = ir.Constant(_v16f, None)
+    for i, s in enumerate(values):
+        v = builder.insert_element(v, s, ir.Constant(_i32, 8 * i))
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, 16), [0] * 8 + [8] * 8))
+
+
+def _block_pair(context, builder, wty, w, o, qtype, tail):
+    """Blocks at byte o and o + bs: their 64 values as unsigned <64 x i8>, their scales d as <16 x float>
+    (see _fvec), and the two float terms per block that need sum(x): m, or -offset * d.  tail: only the first
+    block exists (the second's values and scales are zero)."""
+    bs, qh_off, qs_off, m_off, offset = _BLOCK32[qtype]
+    o2 = builder.add(o, ir.Constant(o.type, bs))
+    zero32 = ir.Constant(_vec(_i8, 32), None)
     if qtype == Q8_0:
-        # |w| * (x with w's sign): unsigned x signed, the vpdpbusd form (x is in [-127, 127], no overflow)
-        wv = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 32)
-        v8 = _vec(_i8, 32)
-        absfn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, ir.IntType(1)]), "llvm.abs.v32i8")
-        return builder.call(absfn, [wv, ir.Constant(ir.IntType(1), 0)]), builder.icmp_signed("<", wv, ir.Constant(v8, None))
-    # 16 bytes of nibbles: low nibbles are values 0-15, high nibbles 16-31
-    b = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 16)
-    lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 16))
-    hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 16))
-    q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
-    if qh_off >= 0:  # bit j of the 32-bit word is bit 4 of value j
-        qh = builder.bitcast(_load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qh_off)), 4), _i32)
-        bits = builder.zext(builder.bitcast(qh, _vec(ir.IntType(1), 32)), _vec(_i8, 32))
-        q = builder.or_(q, builder.shl(bits, _splat(ir.Constant(_i8, 4), 32)))
-    return q, None
+        lo = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 32)
+        hi = zero32 if tail else _load(context, builder, wty, w, builder.add(o2, ir.Constant(o.type, qs_off)), 32)
+        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 64), list(range(64))))
+        q = builder.xor(q, _splat(ir.Constant(_i8, 0x80), 64))
+        if tail:  # the missing block flipped to 0x80 too: back to zeros
+            q = builder.and_(q, ir.Constant(_vec(_i8, 64), [255] * 32 + [0] * 32))
+    else:
+        # 16 bytes of nibbles per block: low nibbles are values 0-15, high nibbles 16-31
+        zero16 = ir.Constant(_vec(_i8, 16), None)
+        b0 = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 16)
+        b1 = zero16 if tail else _load(context, builder, wty, w, builder.add(o2, ir.Constant(o.type, qs_off)), 16)
+        b = builder.shuffle_vector(b0, b1, ir.Constant(_vec(_i32, 32), list(range(32))))
+        lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 32))
+        hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 32))
+        order = list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))
+        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 64), order))
+        if qh_off >= 0:  # bit j of a block's 32-bit word is bit 4 of its value j
+            qh0 = builder.zext(builder.bitcast(_load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qh_off)), 4), _i32), _i64)
+            qh = qh0
+            if not tail:
+                qh1 = builder.bitcast(_load(context, builder, wty, w, builder.add(o2, ir.Constant(o.type, qh_off)), 4), _i32)
+                qh = builder.or_(qh0, builder.shl(builder.zext(qh1, _i64), ir.Constant(_i64, 32)))
+            bits = builder.zext(builder.bitcast(qh, _vec(ir.IntType(1), 64)), _vec(_i8, 64))
+            q = builder.or_(q, builder.shl(bits, _splat(ir.Constant(_i8, 4), 64)))
+    d = [_f16_value(context, builder, wty, w, o)] + ([] if tail else [_f16_value(context, builder, wty, w, o2)])
+    if m_off >= 0:
+        m = [_f16_value(context, builder, wty, w, builder.add(x, ir.Constant(o.type, m_off))) for x in (o, o2)[:len(d)]]
+    else:
+        m = [builder.fmul(ir.Constant(_f32t, -float(offset)), di) for di in d]
+    zero = ir.Constant(_f32t, 0.0)
+    return q, _fvec(builder, d + [zero] * (2 - len(d))), m + [zero] * (2 - len(m))
 
 
-def _block32_dots(builder, q, neg, xv, vnni):
-    """<8 x i32> partial sums of a block's 32 products with int8 activations (their total is the block dot)."""
-    if neg is not None:
-        xv = builder.select(neg, builder.neg(xv), xv)
-    v8i = _vec(_i32, 8)
+def _pair_dots(builder, q, xv, vnni):
+    """<16 x i32> partial sums of 64 unsigned x signed byte products: lanes 0-7 sum the first 32-value block,
+    lanes 8-15 the second (the vpdpbusd layout)."""
+    v16i = _vec(_i32, 16)
     if vnni:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i] * 3), "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(fn, [ir.Constant(v8i, None), builder.bitcast(q, v8i), builder.bitcast(xv, v8i)])
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [ir.Constant(v16i, None), builder.bitcast(q, v16i), builder.bitcast(xv, v16i)])
     prod = _udot(builder, q, xv)  # portable: LLVM picks the instructions
-    parts = [builder.shuffle_vector(prod, prod, ir.Constant(v8i, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
+    parts = [builder.shuffle_vector(prod, prod, ir.Constant(v16i, [8 * k + i for i in range(8)] + [32 + 8 * k + i for i in range(8)]))
+             for k in range(4)]
     return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
+def _tree_sum(builder, v):
+    """Sum of a float vector's lanes, halving it: a fixed order, and 4 steps instead of 16 for an ordered sum."""
+    while v.type.count > 1:
+        lo, hi = _halves(builder, v)
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
 _PORTABLE_IR = False  # tests set it to compile the portable IR on a VNNI machine
@@ -190,77 +231,86 @@ _PORTABLE_IR = False  # tests set it to compile the portable IR on a VNNI machin
 def _use_vnni(context):
     # the CPU numba compiles for (and keys its cache on), not necessarily this machine
     features = context.codegen()._get_host_cpu_features()
-    return not _PORTABLE_IR and "+avx512vnni" in features and "+avx512vl" in features
+    return not _PORTABLE_IR and "+avx512vnni" in features and "+avx512f" in features
+
+
+def _ptr(builder, base, index, ty):
+    """Pointer to element `index` of a typed array data pointer, as a pointer to `ty` (a vector)."""
+    return builder.bitcast(builder.gep(base, [index]), ty.as_pointer())
 
 
 @intrinsic(prefer_literal=True)
-def _row_dots32(typingctx, qtype, w, xq, xd, xs, xm, res):
+def _row_dots32(typingctx, qtype, w, xq, xdv, xm, mrow, res):
     """res[t] = dot of one row of a legacy 32-block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with activation row t.
 
-    w u8 [row_bytes]; xq i8 [T, n]; xd, xm f32 [T, n/32]; xs i32 [T, n/16]; res f32 [T]. Each weight block is unpacked once
-    per group of up to 8 activation rows (_GROUPS), whose accumulators stay in registers. Every row gets the
-    same instructions, with no fast-math flags, in whichever group it falls: res[t] does not depend on T.
-    The block dots stay as 8 partial sums, scaled into a float vector accumulator: no horizontal sum per
-    block, one per row (llama.cpp's AVX layout). 1.45x the per-block-reduction version on AVX-512 VNNI.
+    w u8 [row_bytes]; xq i8 [T, >= 64 * ceil(nb/2)]; xdv f32 [T, >= 16 * ceil(nb/2)] (each block's scale 8
+    times); xm f32 [T, nm] (scale * sum of each block, zero past nb, nm a multiple of 16 and > nb when nb is
+    odd); mrow f32 [nm] zeroed scratch; res f32 [T].
+
+    Blocks go in pairs, 64 values in one AVX-512 vector: per pair the weights are unpacked once for a group of
+    up to 8 activation rows, and each row costs one integer dot, a convert, a multiply and an FMA into its own
+    float vector of 16 partial sums (no horizontal sum per block, llama.cpp's layout).  The terms that need a
+    block's activation sum (Q4_1's min, the offset of the others) are collected in mrow and dotted with xm
+    once per row, 16 blocks per FMA.  Every row gets the same instructions in whichever group it falls, with
+    no fast-math flags: res[t] does not depend on T.
     """
     if not isinstance(qtype, types.IntegerLiteral) or qtype.literal_value not in _BLOCK32:
         return None
 
     def codegen(context, builder, sig, args):
-        _, w, xq, xd, xs, xm, res = args
+        _, w, xq, xdv, xm, mrow, res = args
         kind = sig.args[0].literal_value
-        bs, _, _, m_off, offset = _BLOCK32[kind]
+        bs = _BLOCK32[kind][0]
         wty = sig.args[1]
         vnni = _use_vnni(context)
-        f32, v8f = ir.FloatType(), _vec(ir.FloatType(), 8)
-        nb = builder.udiv(cgutils.unpack_tuple(builder, context.make_array(wty)(context, builder, w).shape)[0],
-                          ir.Constant(_i64, bs))
+        c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16f, [_v16f] * 3), "llvm.fma.v16f32")
+        nb = builder.udiv(cgutils.unpack_tuple(builder, context.make_array(wty)(context, builder, w).shape)[0], c64(bs))
         xq_ary = context.make_array(sig.args[2])(context, builder, xq)
-        T, n = cgutils.unpack_tuple(builder, xq_ary.shape)
-        xd_data = context.make_array(sig.args[3])(context, builder, xd).data
-        xs_data = context.make_array(sig.args[4])(context, builder, xs).data
-        xm_data = context.make_array(sig.args[5])(context, builder, xm).data
+        T, x_stride = cgutils.unpack_tuple(builder, xq_ary.shape)
+        xdv_ary = context.make_array(sig.args[3])(context, builder, xdv)
+        d_stride = cgutils.unpack_tuple(builder, xdv_ary.shape)[1]
+        xm_ary = context.make_array(sig.args[4])(context, builder, xm)
+        nm = cgutils.unpack_tuple(builder, xm_ary.shape)[1]
+        m_data = context.make_array(sig.args[5])(context, builder, mrow).data
         res_data = context.make_array(sig.args[6])(context, builder, res).data
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, v8f]), "llvm.vector.reduce.fadd.v8f32")
-        t = cgutils.alloca_once_value(builder, ir.Constant(_i64, 0))  # first row of the next group
+
+        def pair(p, rows, acc, tail):
+            o = builder.mul(p, c64(2 * bs))
+            q, dv, m = _block_pair(context, builder, wty, w, o, kind, tail)
+            mp = builder.gep(m_data, [builder.add(p, p)])
+            builder.store(m[0], mp)
+            builder.store(m[1], builder.gep(mp, [c64(1)]))
+            for g, tg in enumerate(rows):
+                xv = _load_ptr(builder, xq_ary.data, builder.add(builder.mul(tg, x_stride), builder.mul(p, c64(64))), 64)
+                sv = builder.load(_ptr(builder, xdv_ary.data, builder.add(builder.mul(tg, d_stride), builder.mul(p, c64(16))), _v16f), align=4)
+                s = builder.fmul(dv, sv)
+                builder.store(builder.call(fma, [builder.sitofp(_pair_dots(builder, q, xv, vnni), _v16f), s, builder.load(acc[g])]), acc[g])
+
+        t = cgutils.alloca_once_value(builder, c64(0))  # first row of the next group
+        n_pairs = builder.udiv(nb, c64(2))
+        odd = builder.icmp_unsigned("!=", builder.urem(nb, c64(2)), c64(0))
         for G in _GROUPS:
-            with cgutils.for_range(builder, builder.udiv(builder.sub(T, builder.load(t)), ir.Constant(_i64, G))):
+            with cgutils.for_range(builder, builder.udiv(builder.sub(T, builder.load(t)), c64(G))):
                 t0 = builder.load(t)
-                rows = [builder.add(t0, ir.Constant(_i64, g)) for g in range(G)]
-                # mem2reg keeps these in registers
-                acc = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in rows]
-                accm = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in rows]
-                with cgutils.for_range(builder, nb) as loop:
-                    b = loop.index
-                    o = builder.mul(b, ir.Constant(_i64, bs))
-                    q, neg = _block32_quants(context, builder, wty, w, o, kind)
-                    d = _f16_value(context, builder, wty, w, o)
-                    if m_off >= 0:
-                        m = _f16_value(context, builder, wty, w, builder.add(o, ir.Constant(_i64, m_off)))
-                    for g, tg in enumerate(rows):
-                        xv = _load_ptr(builder, xq_ary.data, builder.add(builder.mul(tg, n), builder.mul(b, ir.Constant(_i64, 32))), 32)
-                        p = _block32_dots(builder, q, neg, xv, vnni)
-                        k = builder.add(builder.mul(tg, nb), b)  # block b of row tg in xd, xm
-                        if offset:  # minus offset * sum(x), in integers: exact, and no float term per row
-                            h = builder.gep(xs_data, [builder.add(k, k)])
-                            xsum = builder.add(builder.load(h), builder.load(builder.gep(h, [ir.Constant(_i64, 1)])))
-                            p = builder.sub(p, builder.insert_element(ir.Constant(_vec(_i32, 8), None),
-                                                                      builder.mul(xsum, ir.Constant(_i32, offset)), ir.Constant(_i32, 0)))
-                        s = builder.fmul(d, builder.load(builder.gep(xd_data, [k])))
-                        sv = builder.insert_element(ir.Constant(v8f, None), s, ir.Constant(_i32, 0))
-                        sv = builder.shuffle_vector(sv, sv, ir.Constant(_vec(_i32, 8), [0] * 8))
-                        builder.store(builder.fadd(builder.load(acc[g]), builder.fmul(builder.sitofp(p, v8f), sv)), acc[g])
-                        if m_off >= 0:
-                            # min times the block's activation sum xm = xd * sum(xq)
-                            xmb = builder.load(builder.gep(xm_data, [k]))
-                            builder.store(builder.fadd(builder.load(accm[g]), builder.fmul(m, xmb)), accm[g])
+                rows = [builder.add(t0, c64(g)) for g in range(G)]
+                acc = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, None)) for _ in rows]  # mem2reg: registers
+                with cgutils.for_range(builder, n_pairs) as loop:
+                    pair(loop.index, rows, acc, tail=False)
+                with builder.if_then(odd, likely=False):
+                    pair(n_pairs, rows, acc, tail=True)
                 for g, tg in enumerate(rows):
-                    total = builder.fadd(builder.call(red, [ir.Constant(f32, 0.0), builder.load(acc[g])]), builder.load(accm[g]))
-                    builder.store(total, builder.gep(res_data, [tg]))
-                builder.store(builder.add(t0, ir.Constant(_i64, G)), t)
+                    accm = cgutils.alloca_once_value(builder, builder.load(acc[g]))
+                    with cgutils.for_range(builder, builder.udiv(nm, c64(16))) as loop:
+                        i = builder.mul(loop.index, c64(16))
+                        mv = builder.load(_ptr(builder, m_data, i, _v16f), align=4)
+                        xmv = builder.load(_ptr(builder, xm_ary.data, builder.add(builder.mul(tg, nm), i), _v16f), align=4)
+                        builder.store(builder.call(fma, [mv, xmv, builder.load(accm)]), accm)
+                    builder.store(_tree_sum(builder, builder.load(accm)), builder.gep(res_data, [tg]))
+                builder.store(builder.add(t0, c64(G)), t)
         return context.get_dummy_value()
 
-    return types.none(qtype, w, xq, xd, xs, xm, res), codegen
+    return types.none(qtype, w, xq, xdv, xm, mrow, res), codegen
 
 
 def _kvalues(context, builder, sig, args):
@@ -312,24 +362,39 @@ def _dot_k32(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff)
 
 
 @njit(fastmath=_FM, cache=True)
-def _quantize_act(x, xq, xd, xs, xm):
-    # x f32 [T, n]; xq i8 [T, n]; xd f32 [T, n/32]; xs i32 [T, n/16]; xm f32 [T, n/32] = xd * block sum
+def _quantize_act(x, xq, xd, xs, xm, xdv):
+    # x f32 [T, n]; xq i8 [T, >= n]; xd f32 [T, n/32]; xs i32 [T, n/16]; xm f32 [T, >= n/32] = xd * block sum;
+    # xdv f32 [T, >= n/4]: xd of each block 8 times (the lanes of its sums in _row_dots32).  Padding untouched.
     T, n = x.shape
+    xi = x.view(np.int32)  # |x| compared as integers: the order of floats (a vectorized max), NaN the largest
+    mi = np.empty(1, np.int32)
+    mf = mi.view(np.float32)
     for t in range(T):
         for b in range(n // 32):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[t, b * 32 + j]))
-            xd[t, b] = amax / np.float32(127.0)
+            o = b * 32
+            m = np.int32(0)
+            for j in range(o, o + 32):
+                m = max(m, xi[t, j] & np.int32(0x7FFFFFFF))
+            mi[0] = m
+            amax = mf[0]
+            d = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            for h in range(2):
-                s = 0
-                for j in range(b * 32 + h * 16, b * 32 + h * 16 + 16):
-                    q = np.int32(np.rint(x[t, j] * inv))
-                    xq[t, j] = q
-                    s += q
-                xs[t, 2 * b + h] = s
-            xm[t, b] = xd[t, b] * np.float32(xs[t, 2 * b] + xs[t, 2 * b + 1])
+            s0 = np.int32(0)
+            for j in range(o, o + 16):
+                q = np.int32(np.rint(x[t, j] * inv))
+                xq[t, j] = q
+                s0 += q
+            s1 = np.int32(0)
+            for j in range(o + 16, o + 32):
+                q = np.int32(np.rint(x[t, j] * inv))
+                xq[t, j] = q
+                s1 += q
+            xd[t, b] = d
+            xs[t, 2 * b] = s0
+            xs[t, 2 * b + 1] = s1
+            xm[t, b] = d * np.float32(s0 + s1)
+            for i in range(8):
+                xdv[t, 8 * b + i] = d
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,30 +517,31 @@ def _vd_q6_k(w, xq, xd, xs, xm):
 # no fastmath here: numba would put its flags on the inlined _row_dots32 IR too, and LLVM could then fuse or
 # reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
 @njit(cache=True)
-def _dot_rows(qtype, w, r0, r1, xq, xd, xs, xm, out):
+def _dot_rows(qtype, w, r0, r1, xq, xd, xs, xm, xdv, out):
     # out[:, r0:r1] for rows r0..r1 of w. One branch per type around its loops, so the row dots inline with
     # their type fixed: a call per row to a dispatching function cost 23 ns a row (2x on SmolLM2 shapes)
     T = xq.shape[0]
     res = np.empty(T, np.float32)  # one weight row against every activation row (legacy 32-block types)
+    mrow = np.zeros(xm.shape[1], np.float32)  # scratch of _row_dots32
     if qtype == Q4_1:
         for r in range(r0, r1):
-            _row_dots32(Q4_1, w[r], xq, xd, xs, xm, res)
+            _row_dots32(Q4_1, w[r], xq, xdv, xm, mrow, res)
             out[:, r] = res
     elif qtype == Q8_0:
         for r in range(r0, r1):
-            _row_dots32(Q8_0, w[r], xq, xd, xs, xm, res)
+            _row_dots32(Q8_0, w[r], xq, xdv, xm, mrow, res)
             out[:, r] = res
     elif qtype == Q5_0:
         for r in range(r0, r1):
-            _row_dots32(Q5_0, w[r], xq, xd, xs, xm, res)
+            _row_dots32(Q5_0, w[r], xq, xdv, xm, mrow, res)
             out[:, r] = res
     elif qtype == Q4_0:
         for r in range(r0, r1):
-            _row_dots32(Q4_0, w[r], xq, xd, xs, xm, res)
+            _row_dots32(Q4_0, w[r], xq, xdv, xm, mrow, res)
             out[:, r] = res
     elif qtype == Q5_1:
         for r in range(r0, r1):
-            _row_dots32(Q5_1, w[r], xq, xd, xs, xm, res)
+            _row_dots32(Q5_1, w[r], xq, xdv, xm, mrow, res)
             out[:, r] = res
     elif qtype == Q4_K:
         for r in range(r0, r1):
@@ -499,19 +565,26 @@ def _dot_rows(qtype, w, r0, r1, xq, xd, xs, xm, out):
                 out[t, r] = _vd_q2_k(w[r], xq[t], xd[t], xs[t], xm[t])
 
 
+@njit(cache=True)
+def _act_buffers(T, n):
+    # zeroed buffers for T activation rows of n values on the int8 path: xq, xd, xs, xm, xdv (_quantize_act),
+    # padded to whole block pairs and, for xm, to a multiple of 16 blocks above nb (the vector loops of _row_dots32)
+    nb = n // 32
+    pairs = (nb + 1) // 2
+    nm = (nb + 16) // 16 * 16
+    return (np.zeros((T, 64 * pairs), np.int8), np.zeros((T, nb), np.float32), np.zeros((T, n // 16), np.int32),
+            np.zeros((T, nm), np.float32), np.zeros((T, 16 * pairs), np.float32))
+
+
 @njit(parallel=True, fastmath=_FM, cache=True)
 def _matmul_q8(qtype, w, x, out):
     # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
-    T, n = x.shape
-    xq = np.empty((T, n), np.int8)
-    xd = np.empty((T, n // 32), np.float32)
-    xs = np.empty((T, n // 16), np.int32)
-    xm = np.empty((T, n // 32), np.float32)
+    xq, xd, xs, xm, xdv = _act_buffers(x.shape[0], x.shape[1])
     # a called function, not array expressions: under parallel=True each of those is one more parallel region
-    _quantize_act(x, xq, xd, xs, xm)
+    _quantize_act(x, xq, xd, xs, xm, xdv)
     R = w.shape[0]
     for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
-        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xd, xs, xm, out)
+        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xd, xs, xm, xdv, out)
 
 
 # ---------------------------------------------------------------------------------------------------------
