@@ -2,11 +2,11 @@
 
 matmul(w, x, path=...) = x @ W.T with W still in its GGUF encoding, two ways, picked by the caller's role so
 that a row's result never depends on how many rows share the call:
-- "int8" (decode steps): x is quantized to int8 blocks of 32 (one float scale each, plus int sums per 16) and
-  every weight block is dotted with integer SIMD (vpdpbusd on AVX-512 VNNI), as llama.cpp does. Memory-bound:
-  each weight byte is read once. Legacy 32-blocks unpack each weight block once for a group of up to 8
-  activation rows and keep their partial sums in float vectors across the row (one horizontal sum per row,
-  not per block); K-quants still unpack per activation row.
+- "int8" (decode steps): x is quantized to int8 blocks of 32 (one float scale each), as llama.cpp does, and
+  every 64 weights are unpacked once to unsigned bytes and dotted with up to 8 activation rows by integer
+  SIMD (vpdpbusd on AVX-512 VNNI), each row keeping 16 float partial sums in a vector across the whole row
+  (one horizontal sum per row, not per block). Every type, legacy or K-quant, goes through that one loop
+  (_row_dots); a T=8 step costs ~2.5x a T=1 step, which is what makes batched decoding pay.
 - "float" (prompt processing): each thread dequantizes 16 rows to a small float32 tile and multiplies it with
   all T activations in a register-blocked float loop (4 rows x 4 tokens). Compute-bound; measured faster than
   numpy/OpenBLAS on this 2-core machine, whose OpenBLAS threads stall under load.
@@ -15,7 +15,7 @@ that a row's result never depends on how many rows share the call:
 numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
 after unrolling the 16-32 wide inner loop, vectorizes across blocks with byte gathers), so the block dots are
 written as LLVM vector IR through numba intrinsics: generic IR that LLVM lowers to the host's best
-instructions, plus the VNNI instruction itself where numba compiles for a CPU that has it. Three jitted entry
+instructions, plus the VNNI instruction itself where numba compiles for a CPU that has it. A few jitted entry
 points serve every type, dispatching on qtype inside numba, so a model pays the cache load once, not per type.
 Speed per type and shape: bench/bench_qmatmul.py.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -60,37 +60,15 @@ def _vec(t, n):
     return ir.VectorType(t, n)
 
 
-def _load(context, builder, aryty, ary, off, n):
-    """Unaligned load of n bytes at ary[off] as <n x i8>."""
-    return _load_ptr(builder, context.make_array(aryty)(context, builder, ary).data, off, n)
-
-
 def _load_ptr(builder, data, off, n):
     """Unaligned load of n bytes at data[off] (a byte pointer) as <n x i8>."""
     return builder.load(builder.bitcast(builder.gep(data, [off]), _vec(_i8, n).as_pointer()), align=1)
-
-
-def _splat(v, n):
-    return ir.Constant(_vec(v.type if isinstance(v, ir.Constant) else _i8, n), [v] * n)
-
-
-def _reduce_add(builder, v):
-    fnty = ir.FunctionType(v.type.element, [v.type])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{v.type.count}i32")
-    return builder.call(fn, [v])
 
 
 def _udot(builder, q, xv):
     """<n x i32> products of unsigned bytes q and signed bytes xv (the vpdpbusd pattern)."""
     v = _vec(_i32, q.type.count)
     return builder.mul(builder.zext(q, v), builder.sext(xv, v), flags=["nsw"])
-
-
-def _bcast_i8(builder, val, n):
-    """Splat a runtime integer (any width) into <n x i8>."""
-    b = builder.trunc(val, _i8)
-    v = builder.insert_element(ir.Constant(_vec(_i8, n), None), b, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), [0] * n))
 
 
 def _halves(builder, v):
@@ -125,8 +103,8 @@ def _f32(typingctx, a, off):
     return types.float32(a, off), codegen
 
 
-def _f16_value(context, builder, aryty, ary, off):
-    data = context.make_array(aryty)(context, builder, ary).data
+def _f16_value(builder, data, off):
+    """float32 from the fp16 at byte data[off] (a byte pointer)."""
     ptr = builder.bitcast(builder.gep(data, [off]), ir.HalfType().as_pointer())
     return builder.fpext(builder.load(ptr, align=1), ir.FloatType())
 
@@ -136,84 +114,201 @@ def _f16(typingctx, a, off):
     """float32 from the little-endian fp16 at a[off] (F16C vcvtph2ps; numba has no float16)."""
 
     def codegen(context, builder, sig, args):
-        return _f16_value(context, builder, sig.args[0], *args)
+        return _f16_value(builder, context.make_array(sig.args[0])(context, builder, args[0]).data, args[1])
 
     return types.float32(a, off), codegen
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The int8 path: one weight row against up to 8 quantized activation rows at a time, 64 values per step.
+#
+# Every type is read as "units" of whole blocks: a pair of legacy 32-value blocks, or one K-quant super-block
+# of 256.  A unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand) and the
+# weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus one float per 16 values
+# that multiplies their activation sum: a min (Q4_1, K-quants), or -offset * scale for types stored as
+# q - offset (Q8_0's signed bytes are read as q = w + 128 by flipping the top bit).  Offsets of each field
+# inside a block follow ggml-common.h.
+
 # Legacy 32-value blocks: (block bytes, offset of the 32-bit high-bit word or -1, offset of the quants,
 # offset of the fp16 min or -1, constant offset of the unsigned values: value = d * (q - offset) [+ m]).
-# Q8_0's signed bytes are read as q = w + 128 (flipping the top bit), so every type's q is unsigned: the
-# vpdpbusd operand form, with no per-row sign handling.
 _BLOCK32 = {Q8_0: (34, -1, 2, -1, 128), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1, 4, 2, 0),
             Q5_0: (22, 2, 6, -1, 16), Q5_1: (24, 4, 8, 2, 0)}
+_KQUANT_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 values
 
-# Activation rows that share one unpacked weight block pair, largest first: T=13 runs as 8 + 4 + 1.
+# Activation rows that share one unpacked unit, largest first: T=13 runs as 8 + 4 + 1.
 _GROUPS = (8, 4, 2, 1)
 
 _f32t = ir.FloatType()
-_v16f = _vec(_f32t, 16)
 
 
-def _fvec(builder, values):
-    """<16 x float>: values[i] in lanes 8i..8i+7 (one scale per 32-value block, as vpdpbusd lays out sums)."""
-    v = ir.Constant(_v16f, None)
-    for i, s in enumerate(values):
-        v = builder.insert_element(v, s, ir.Constant(_i32, 8 * i))
-    return builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, 16), [0] * 8 + [8] * 8))
+def _cat(builder, a, b):
+    """The concatenation of two vectors of one type."""
+    n = a.type.count
+    return builder.shuffle_vector(a, b, ir.Constant(_vec(_i32, 2 * n), list(range(2 * n))))
 
 
-def _block_pair(context, builder, wty, w, o, qtype, tail):
-    """Blocks at byte o and o + bs: their 64 values as unsigned <64 x i8>, their scales d as <16 x float>
-    (see _fvec), and the two float terms per block that need sum(x): m, or -offset * d.  tail: only the first
-    block exists (the second's values and scales are zero)."""
+def _pick(builder, v, lanes):
+    """<len(lanes) x T> with v[lanes[i]] in lane i."""
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, len(lanes)), lanes))
+
+
+def _bits(builder, v, shift, mask):
+    """(v >> shift) & mask, lane by lane (shift an int or a list, one per lane)."""
+    n = v.type.count
+    sh = ir.Constant(v.type, shift if isinstance(shift, list) else [shift] * n)
+    return builder.and_(builder.lshr(v, sh), ir.Constant(v.type, [mask] * n))
+
+
+def _shl(builder, v, k):
+    return builder.shl(v, ir.Constant(v.type, [k] * v.type.count))
+
+
+def _floats(builder, ints, scale, signed=False):
+    """Integer vector -> float vector times the float scalar `scale`."""
+    fv = _vec(_f32t, ints.type.count)
+    f = builder.sitofp(ints, fv) if signed else builder.uitofp(ints, fv)
+    return builder.fmul(f, _pick(builder, builder.insert_element(ir.Constant(fv, None), scale, ir.Constant(_i32, 0)),
+                                 [0] * ints.type.count))
+
+
+def _per_lane(builder, scales, first):
+    """<16 x float> weight scales of 64 values from per-16 (4 lanes each) scales scales[first..first+3]."""
+    return _pick(builder, scales, [first + i // 4 for i in range(16)])
+
+
+class _Row:
+    """Reads one weight row (a uint8 array) in IR at byte offsets: o, an IR i64, plus a constant."""
+
+    def __init__(self, context, builder, aryty, ary):
+        self.builder = builder
+        self.data = context.make_array(aryty)(context, builder, ary).data
+
+    def at(self, o, k):
+        return self.builder.add(o, ir.Constant(_i64, k)) if k else o
+
+    def bytes(self, o, k, n):
+        return _load_ptr(self.builder, self.data, self.at(o, k), n)
+
+    def f16(self, o, k):
+        return _f16_value(self.builder, self.data, self.at(o, k))
+
+
+def _unit_block32(r, o, qtype, tail):
+    """Two legacy blocks at byte o (tail: only the first exists; the second reads as zeros)."""
+    b = r.builder
     bs, qh_off, qs_off, m_off, offset = _BLOCK32[qtype]
-    o2 = builder.add(o, ir.Constant(o.type, bs))
-    zero32 = ir.Constant(_vec(_i8, 32), None)
+    blocks = [o] if tail else [o, r.at(o, bs)]
     if qtype == Q8_0:
-        lo = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 32)
-        hi = zero32 if tail else _load(context, builder, wty, w, builder.add(o2, ir.Constant(o.type, qs_off)), 32)
-        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 64), list(range(64))))
-        q = builder.xor(q, _splat(ir.Constant(_i8, 0x80), 64))
-        if tail:  # the missing block flipped to 0x80 too: back to zeros
-            q = builder.and_(q, ir.Constant(_vec(_i8, 64), [255] * 32 + [0] * 32))
-    else:
-        # 16 bytes of nibbles per block: low nibbles are values 0-15, high nibbles 16-31
-        zero16 = ir.Constant(_vec(_i8, 16), None)
-        b0 = _load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qs_off)), 16)
-        b1 = zero16 if tail else _load(context, builder, wty, w, builder.add(o2, ir.Constant(o.type, qs_off)), 16)
-        b = builder.shuffle_vector(b0, b1, ir.Constant(_vec(_i32, 32), list(range(32))))
-        lo = builder.and_(b, _splat(ir.Constant(_i8, 15), 32))
-        hi = builder.lshr(b, _splat(ir.Constant(_i8, 4), 32))
-        order = list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))
-        q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 64), order))
+        parts = [r.bytes(ob, qs_off, 32) for ob in blocks] + [ir.Constant(_vec(_i8, 32), [0x80] * 32)] * tail
+        q = b.xor(_cat(b, *parts), ir.Constant(_vec(_i8, 64), [0x80] * 64))
+    else:  # 16 bytes of nibbles per block: low nibbles are values 0-15, high nibbles 16-31
+        parts = [r.bytes(ob, qs_off, 16) for ob in blocks] + [ir.Constant(_vec(_i8, 16), None)] * tail
+        nib = _cat(b, *parts)
+        lo, hi = _bits(b, nib, 0, 15), _bits(b, nib, 4, 15)
+        q = b.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 64), list(range(16)) + list(range(32, 48))
+                                                 + list(range(16, 32)) + list(range(48, 64))))
         if qh_off >= 0:  # bit j of a block's 32-bit word is bit 4 of its value j
-            qh0 = builder.zext(builder.bitcast(_load(context, builder, wty, w, builder.add(o, ir.Constant(o.type, qh_off)), 4), _i32), _i64)
-            qh = qh0
-            if not tail:
-                qh1 = builder.bitcast(_load(context, builder, wty, w, builder.add(o2, ir.Constant(o.type, qh_off)), 4), _i32)
-                qh = builder.or_(qh0, builder.shl(builder.zext(qh1, _i64), ir.Constant(_i64, 32)))
-            bits = builder.zext(builder.bitcast(qh, _vec(ir.IntType(1), 64)), _vec(_i8, 64))
-            q = builder.or_(q, builder.shl(bits, _splat(ir.Constant(_i8, 4), 64)))
-    d = [_f16_value(context, builder, wty, w, o)] + ([] if tail else [_f16_value(context, builder, wty, w, o2)])
+            words = [b.bitcast(r.bytes(ob, qh_off, 4), _i32) for ob in blocks] + [ir.Constant(_i32, 0)] * tail
+            qh = b.or_(b.zext(words[0], _i64), b.shl(b.zext(words[1], _i64), ir.Constant(_i64, 32)))
+            q = b.or_(q, _shl(b, b.zext(b.bitcast(qh, _vec(ir.IntType(1), 64)), _vec(_i8, 64)), 4))
+    # the fp16 scale (and min, which follows it) of both blocks converted in one vector: [d0, (m0,) d1, (m1)]
+    k = 2 if m_off == 2 else 1
+    words = [b.bitcast(r.bytes(ob, 0, 2 * k), ir.IntType(16 * k)) for ob in blocks] + [ir.Constant(ir.IntType(16 * k), 0)] * tail
+    both = b.insert_element(b.insert_element(ir.Constant(_vec(ir.IntType(16 * k), 2), None), words[0], ir.Constant(_i32, 0)),
+                            words[1], ir.Constant(_i32, 1))
+    dm = b.fpext(b.bitcast(both, _vec(ir.HalfType(), 2 * k)), _vec(_f32t, 2 * k))
+    dvec = _pick(b, dm, [0] * 8 + [k] * 8)
     if m_off >= 0:
-        m = [_f16_value(context, builder, wty, w, builder.add(x, ir.Constant(o.type, m_off))) for x in (o, o2)[:len(d)]]
-    else:
-        m = [builder.fmul(ir.Constant(_f32t, -float(offset)), di) for di in d]
-    zero = ir.Constant(_f32t, 0.0)
-    return q, _fvec(builder, d + [zero] * (2 - len(d))), m + [zero] * (2 - len(m))
+        return [(q, dvec)], _pick(b, dm, [1, 1, 3, 3])
+    return [(q, dvec)], b.fmul(_pick(b, dm, [0, 0, 1, 1]), ir.Constant(_vec(_f32t, 4), [-float(offset)] * 4))
+
+
+def _unit_q4_k(r, o, qtype):
+    """Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; nibbles of sub-blocks 2p and 2p+1 share 32
+    bytes (low, high); Q5_K's bit 4 of sub-block j is bit j of the 32 bytes at 16."""
+    b = r.builder
+    s = r.bytes(o, 4, 12)  # get_scale_min_k4, all 8 at once
+    lo4, mid4, hi4 = (_pick(b, s, list(range(k, k + 4))) for k in (0, 4, 8))
+    sc = _cat(b, _bits(b, lo4, 0, 63), b.or_(_bits(b, hi4, 0, 15), _shl(b, _bits(b, lo4, 6, 3), 4)))
+    mn = _cat(b, _bits(b, mid4, 0, 63), b.or_(_bits(b, hi4, 4, 15), _shl(b, _bits(b, mid4, 6, 3), 4)))
+    scales = _floats(b, sc, r.f16(o, 0))  # <8 x float>, one per 32 values
+    mins = _floats(b, mn, b.fneg(r.f16(o, 2)))
+    qs_off = 48 if qtype == Q5_K else 16
+    pairs = []
+    for p in range(4):
+        v = r.bytes(o, qs_off + 32 * p, 32)
+        lo, hi = _bits(b, v, 0, 15), _bits(b, v, 4, 15)
+        if qtype == Q5_K:
+            qh = r.bytes(o, 16, 32)
+            lo = b.or_(lo, _shl(b, _bits(b, qh, 2 * p, 1), 4))
+            hi = b.or_(hi, _shl(b, _bits(b, qh, 2 * p + 1, 1), 4))
+        pairs.append((_cat(b, lo, hi), _pick(b, scales, [2 * p] * 8 + [2 * p + 1] * 8)))
+    return pairs, _pick(b, mins, [i // 2 for i in range(16)])
+
+
+def _unit_q6_k(r, o, qtype):
+    """Q6_K: value = 4 low bits (128 bytes at 0) | 2 high bits (64 bytes at 128) << 4, minus 32; a signed
+    8-bit scale per 16 values (at 192), fp16 d at 208."""
+    b = r.builder
+    scales = _floats(b, r.bytes(o, 192, 16), r.f16(o, 208), signed=True)  # <16 x float>
+    pairs = []
+    for n in range(2):
+        ql, qh = r.bytes(o, 64 * n, 64), r.bytes(o, 128 + 32 * n, 32)
+        for jj in range(2):
+            hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
+            q = b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4))
+            pairs.append((q, _per_lane(b, scales, 8 * n + 4 * jj)))
+    return pairs, b.fmul(scales, ir.Constant(_vec(_f32t, 16), [-32.0] * 16))
+
+
+def _unit_q3_k(r, o, qtype):
+    """Q3_K: value = 2 low bits (64 bytes at 32) | a high bit (32 bytes at 0) << 2, minus 4; signed 6-bit
+    scales per 16 values packed in 12 bytes at 96, fp16 d at 108."""
+    b = r.builder
+    s = r.bytes(o, 96, 12)
+    lo8 = _pick(b, s, list(range(8)))
+    sc = b.or_(_cat(b, _bits(b, lo8, 0, 15), _bits(b, lo8, 4, 15)),
+               _shl(b, _bits(b, _pick(b, s, [8, 9, 10, 11] * 4), [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4, 3), 4))
+    sc = b.sub(sc, ir.Constant(_vec(_i8, 16), [32] * 16))
+    scales = _floats(b, sc, r.f16(o, 108), signed=True)
+    hm = r.bytes(o, 0, 32)
+    pairs = []
+    for p in range(4):
+        n, j = p // 2, 2 * (p % 2)
+        qs = r.bytes(o, 32 + 32 * n, 32)
+        lo = _cat(b, _bits(b, qs, 2 * j, 3), _bits(b, qs, 2 * j + 2, 3))
+        hb = _cat(b, _bits(b, hm, 4 * n + j, 1), _bits(b, hm, 4 * n + j + 1, 1))
+        pairs.append((b.or_(lo, _shl(b, hb, 2)), _per_lane(b, scales, 4 * p)))
+    return pairs, b.fmul(scales, ir.Constant(_vec(_f32t, 16), [-4.0] * 16))
+
+
+def _unit_q2_k(r, o, qtype):
+    """Q2_K: 2-bit values (64 bytes at 16); per 16 values a byte at 0 of 4-bit scale and 4-bit min; fp16 d and
+    dmin at 80, 82."""
+    b = r.builder
+    s = r.bytes(o, 0, 16)
+    scales = _floats(b, _bits(b, s, 0, 15), r.f16(o, 80))
+    mins = _floats(b, _bits(b, s, 4, 15), b.fneg(r.f16(o, 82)))
+    pairs = []
+    for p in range(4):
+        qs = r.bytes(o, 16 + 32 * (p // 2), 32)
+        q = _cat(b, _bits(b, qs, 2 * ((2 * p) % 4), 3), _bits(b, qs, 2 * ((2 * p + 1) % 4), 3))
+        pairs.append((q, _per_lane(b, scales, 4 * p)))
+    return pairs, mins
+
+
+_KQUANT_UNITS = {Q2_K: _unit_q2_k, Q3_K: _unit_q3_k, Q4_K: _unit_q4_k, Q5_K: _unit_q4_k, Q6_K: _unit_q6_k}
 
 
 def _pair_dots(builder, q, xv, vnni):
-    """<16 x i32> partial sums of 64 unsigned x signed byte products: lanes 0-7 sum the first 32-value block,
-    lanes 8-15 the second (the vpdpbusd layout)."""
+    """<16 x i32> partial sums of 64 unsigned x signed byte products: lane i sums values 4i..4i+3 (vpdpbusd;
+    the portable IR sums other values of the same 16 in each lane, the same totals per 16)."""
     v16i = _vec(_i32, 16)
     if vnni:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
         return builder.call(fn, [ir.Constant(v16i, None), builder.bitcast(q, v16i), builder.bitcast(xv, v16i)])
     prod = _udot(builder, q, xv)  # portable: LLVM picks the instructions
-    parts = [builder.shuffle_vector(prod, prod, ir.Constant(v16i, [8 * k + i for i in range(8)] + [32 + 8 * k + i for i in range(8)]))
-             for k in range(4)]
+    parts = [_pick(builder, prod, [16 * (i // 4) + 4 * k + i % 4 for i in range(16)]) for k in range(4)]
     return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
 
 
@@ -234,137 +329,90 @@ def _use_vnni(context):
     return not _PORTABLE_IR and "+avx512vnni" in features and "+avx512f" in features
 
 
-def _ptr(builder, base, index, ty):
-    """Pointer to element `index` of a typed array data pointer, as a pointer to `ty` (a vector)."""
-    return builder.bitcast(builder.gep(base, [index]), ty.as_pointer())
-
-
 @intrinsic(prefer_literal=True)
-def _row_dots32(typingctx, qtype, w, xq, xdv, xm, mrow, res):
-    """res[t] = dot of one row of a legacy 32-block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with activation row t.
+def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
+    """res[t] = dot of one weight row of a quantized type with activation row t.
 
-    w u8 [row_bytes]; xq i8 [T, >= 64 * ceil(nb/2)]; xdv f32 [T, >= 16 * ceil(nb/2)] (each block's scale 8
-    times); xm f32 [T, nm] (scale * sum of each block, zero past nb, nm a multiple of 16 and > nb when nb is
-    odd); mrow f32 [nm] zeroed scratch; res f32 [T].
+    w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); xdv f32 [pairs, T, 16] (each
+    32 values' scale 8 times); xm f32 [T, nm] (scale * sum of each 16 values, zero past them; nm a multiple of
+    16, >= 4 * pairs); mrow f32 [nm] zeroed scratch; res f32 [T].  (_act_buffers makes them.)
 
-    Blocks go in pairs, 64 values in one AVX-512 vector: per pair the weights are unpacked once for a group of
-    up to 8 activation rows, and each row costs one integer dot, a convert, a multiply and an FMA into its own
-    float vector of 16 partial sums (no horizontal sum per block, llama.cpp's layout).  The terms that need a
-    block's activation sum (Q4_1's min, the offset of the others) are collected in mrow and dotted with xm
-    once per row, 16 blocks per FMA.  Every row gets the same instructions in whichever group it falls, with
-    no fast-math flags: res[t] does not depend on T.
+    Per 64 values the weights are unpacked once for a group of up to 8 activation rows, and each row costs
+    one integer dot (vpdpbusd), a convert, a multiply and an FMA into its own vector of 16 float partial sums:
+    no horizontal sum per block (llama.cpp's layout).  The terms that need activation sums (mins, offsets)
+    are collected in mrow and dotted with xm once per row, 16 at a time.  Every row gets the same
+    instructions in whichever group it falls, and no fast-math flags: res[t] does not depend on T.
     """
-    if not isinstance(qtype, types.IntegerLiteral) or qtype.literal_value not in _BLOCK32:
+    if not isinstance(qtype, types.IntegerLiteral) or qtype.literal_value not in (*_BLOCK32, *_KQUANT_BYTES):
         return None
 
     def codegen(context, builder, sig, args):
         _, w, xq, xdv, xm, mrow, res = args
         kind = sig.args[0].literal_value
-        bs = _BLOCK32[kind][0]
-        wty = sig.args[1]
+        legacy = kind in _BLOCK32
+        unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
         vnni = _use_vnni(context)
+        b = builder
         c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16f, [_v16f] * 3), "llvm.fma.v16f32")
-        nb = builder.udiv(cgutils.unpack_tuple(builder, context.make_array(wty)(context, builder, w).shape)[0], c64(bs))
-        xq_ary = context.make_array(sig.args[2])(context, builder, xq)
-        T, x_stride = cgutils.unpack_tuple(builder, xq_ary.shape)
-        xdv_ary = context.make_array(sig.args[3])(context, builder, xdv)
-        d_stride = cgutils.unpack_tuple(builder, xdv_ary.shape)[1]
-        xm_ary = context.make_array(sig.args[4])(context, builder, xm)
-        nm = cgutils.unpack_tuple(builder, xm_ary.shape)[1]
-        m_data = context.make_array(sig.args[5])(context, builder, mrow).data
-        res_data = context.make_array(sig.args[6])(context, builder, res).data
+        v16f = _vec(_f32t, 16)
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+        row = _Row(context, b, sig.args[1], w)
+        row_bytes = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, w).shape)[0]
+        n_blocks = b.udiv(row_bytes, c64(unit_bytes // 2 if legacy else unit_bytes))
+        n_units = b.udiv(n_blocks, c64(2)) if legacy else n_blocks
+        xq_ary = context.make_array(sig.args[2])(context, b, xq)
+        T = cgutils.unpack_tuple(b, xq_ary.shape)[1]
+        xdv_ary = context.make_array(sig.args[3])(context, b, xdv)
+        xm_ary = context.make_array(sig.args[4])(context, b, xm)
+        nm = cgutils.unpack_tuple(b, xm_ary.shape)[1]
+        m_data = context.make_array(sig.args[5])(context, b, mrow).data
+        res_data = context.make_array(sig.args[6])(context, b, res).data
 
-        def pair(p, rows, acc, tail):
-            o = builder.mul(p, c64(2 * bs))
-            q, dv, m = _block_pair(context, builder, wty, w, o, kind, tail)
-            mp = builder.gep(m_data, [builder.add(p, p)])
-            builder.store(m[0], mp)
-            builder.store(m[1], builder.gep(mp, [c64(1)]))
-            for g, tg in enumerate(rows):
-                xv = _load_ptr(builder, xq_ary.data, builder.add(builder.mul(tg, x_stride), builder.mul(p, c64(64))), 64)
-                sv = builder.load(_ptr(builder, xdv_ary.data, builder.add(builder.mul(tg, d_stride), builder.mul(p, c64(16))), _v16f), align=4)
-                s = builder.fmul(dv, sv)
-                builder.store(builder.call(fma, [builder.sitofp(_pair_dots(builder, q, xv, vnni), _v16f), s, builder.load(acc[g])]), acc[g])
+        def vec_at(data, index, ty):
+            return b.bitcast(b.gep(data, [index]), ty.as_pointer())
 
-        t = cgutils.alloca_once_value(builder, c64(0))  # first row of the next group
-        n_pairs = builder.udiv(nb, c64(2))
-        odd = builder.icmp_unsigned("!=", builder.urem(nb, c64(2)), c64(0))
-        for G in _GROUPS:
-            with cgutils.for_range(builder, builder.udiv(builder.sub(T, builder.load(t)), c64(G))):
-                t0 = builder.load(t)
-                rows = [builder.add(t0, c64(g)) for g in range(G)]
-                acc = [cgutils.alloca_once_value(builder, ir.Constant(_v16f, None)) for _ in rows]  # mem2reg: registers
-                with cgutils.for_range(builder, n_pairs) as loop:
-                    pair(loop.index, rows, acc, tail=False)
-                with builder.if_then(odd, likely=False):
-                    pair(n_pairs, rows, acc, tail=True)
+        def unit(u, rows, acc, tail=False):
+            o = b.mul(u, c64(unit_bytes))
+            pairs, mins = (_unit_block32(row, o, kind, tail) if legacy else _KQUANT_UNITS[kind](row, o, kind))
+            b.store(mins, vec_at(m_data, b.mul(u, c64(unit_values // 16)), mins.type), align=4)
+            for i, (q, dv) in enumerate(pairs):
+                p = b.add(b.mul(u, c64(unit_values // 64)), c64(i))  # these 64 values: pair p of the activations
                 for g, tg in enumerate(rows):
-                    accm = cgutils.alloca_once_value(builder, builder.load(acc[g]))
-                    with cgutils.for_range(builder, builder.udiv(nm, c64(16))) as loop:
-                        i = builder.mul(loop.index, c64(16))
-                        mv = builder.load(_ptr(builder, m_data, i, _v16f), align=4)
-                        xmv = builder.load(_ptr(builder, xm_ary.data, builder.add(builder.mul(tg, nm), i), _v16f), align=4)
-                        builder.store(builder.call(fma, [mv, xmv, builder.load(accm)]), accm)
-                    builder.store(_tree_sum(builder, builder.load(accm)), builder.gep(res_data, [tg]))
-                builder.store(builder.add(t0, c64(G)), t)
+                    k = b.add(b.mul(p, T), tg)  # [pair, row] of xq and xdv
+                    xv = _load_ptr(b, xq_ary.data, b.mul(k, c64(64)), 64)
+                    sv = b.load(vec_at(xdv_ary.data, b.mul(k, c64(16)), v16f), align=4)
+                    dots = b.sitofp(_pair_dots(b, q, xv, vnni), v16f)
+                    b.store(b.call(fma, [dots, b.fmul(dv, sv), b.load(acc[g])]), acc[g])
+
+        t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
+        for G in _GROUPS:
+            with cgutils.for_range(b, b.udiv(b.sub(T, b.load(t)), c64(G))):
+                t0 = b.load(t)
+                rows = [b.add(t0, c64(g)) for g in range(G)]
+                acc = [cgutils.alloca_once_value(b, ir.Constant(v16f, None)) for _ in rows]  # mem2reg: registers
+                with cgutils.for_range(b, n_units) as loop:
+                    unit(loop.index, rows, acc)
+                if legacy:  # an odd block count ends on a half pair
+                    with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
+                        unit(n_units, rows, acc, tail=True)
+                for g, tg in enumerate(rows):
+                    with cgutils.for_range(b, b.udiv(nm, c64(16))) as loop:
+                        i = b.mul(loop.index, c64(16))
+                        mv = b.load(vec_at(m_data, i, v16f), align=4)
+                        xmv = b.load(vec_at(xm_ary.data, b.add(b.mul(tg, nm), i), v16f), align=4)
+                        b.store(b.call(fma, [mv, xmv, b.load(acc[g])]), acc[g])
+                    b.store(_tree_sum(b, b.load(acc[g])), b.gep(res_data, [tg]))
+                b.store(b.add(t0, c64(G)), t)
         return context.get_dummy_value()
 
     return types.none(qtype, w, xq, xdv, xm, mrow, res), codegen
 
 
-def _kvalues(context, builder, sig, args):
-    """<32 x i8> value j = ((w[off+j] >> shift) & mask) | (((w[hoff+j] >> hshift) & hmask) << hpos)."""
-    w, off, shift, mask, hoff, hshift, hmask, hpos = args[:8]
-    wty = sig.args[0]
-    q = builder.and_(
-        builder.lshr(_load(context, builder, wty, w, off, 32), _bcast_i8(builder, shift, 32)),
-        _bcast_i8(builder, mask, 32),
-    )
-    h = builder.and_(
-        builder.lshr(_load(context, builder, wty, w, hoff, 32), _bcast_i8(builder, hshift, 32)),
-        _bcast_i8(builder, hmask, 32),
-    )  # hmask = 0 (no high bits): LLVM drops this load
-    return builder.or_(q, builder.shl(h, _bcast_i8(builder, hpos, 32)))
-
-
-@intrinsic
-def _dot_k(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff):
-    """K-quant chunk of 32 unsigned values (see _kvalues) dotted with x[xoff:]: the dots of values 0-15 and
-    16-31, for the formats that scale per 16."""
-
-    def codegen(context, builder, sig, args):
-        q = _kvalues(context, builder, sig, args)
-        xv = _load(context, builder, sig.args[8], args[8], args[9], 32)
-        # split the bytes, not the products: each half then matches vpdpbusd on its own
-        (qlo, qhi), (xlo, xhi) = _halves(builder, q), _halves(builder, xv)
-        sums = [_reduce_add(builder, _udot(builder, qlo, xlo)), _reduce_add(builder, _udot(builder, qhi, xhi))]
-        return context.make_tuple(builder, types.UniTuple(types.int32, 2), sums)
-
-    return types.UniTuple(types.int32, 2)(w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff), codegen
-
-
-@intrinsic
-def _dot_k32(typingctx, w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff):
-    """As _dot_k, one sum over all 32 values (formats that scale per 32: one reduction instead of two)."""
-
-    def codegen(context, builder, sig, args):
-        q = _kvalues(context, builder, sig, args)
-        xv = _load(context, builder, sig.args[8], args[8], args[9], 32)
-        return _reduce_add(builder, _udot(builder, q, xv))
-
-    return types.int32(w, off, shift, mask, hoff, hshift, hmask, hpos, x, xoff), codegen
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Activation quantization: x row -> int8 blocks of 32 with a float scale, plus int sums per 16 values and
-# scaled float sums per 32 (for the offsets and minimums of the weight formats).
-
-
 @njit(fastmath=_FM, cache=True)
-def _quantize_act(x, xq, xd, xs, xm, xdv):
-    # x f32 [T, n]; xq i8 [T, >= n]; xd f32 [T, n/32]; xs i32 [T, n/16]; xm f32 [T, >= n/32] = xd * block sum;
-    # xdv f32 [T, >= n/4]: xd of each block 8 times (the lanes of its sums in _row_dots32).  Padding untouched.
+def _quantize_act(x, xq, xm, xdv):
+    # x f32 [T, n] -> int8 blocks of 32 with one scale d each, pair-major (the 8 rows a weight pair meets lie
+    # together, at constant offsets): xq i8 [pairs, T, 64]; xdv f32 [pairs, T, 16] = each block's d 8 times;
+    # xm f32 [T, >= n/16] = d * the sum of each 16 values of xq.  Padding is left untouched.
     T, n = x.shape
     xi = x.view(np.int32)  # |x| compared as integers: the order of floats (a vectorized max), NaN the largest
     mi = np.empty(1, np.int32)
@@ -379,27 +427,71 @@ def _quantize_act(x, xq, xd, xs, xm, xdv):
             amax = mf[0]
             d = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            s0 = np.int32(0)
-            for j in range(o, o + 16):
-                q = np.int32(np.rint(x[t, j] * inv))
-                xq[t, j] = q
-                s0 += q
-            s1 = np.int32(0)
-            for j in range(o + 16, o + 32):
-                q = np.int32(np.rint(x[t, j] * inv))
-                xq[t, j] = q
-                s1 += q
-            xd[t, b] = d
-            xs[t, 2 * b] = s0
-            xs[t, 2 * b + 1] = s1
-            xm[t, b] = d * np.float32(s0 + s1)
+            p, h32 = b // 2, 32 * (b % 2)
+            for h in range(2):
+                s = np.int32(0)
+                for j in range(16 * h, 16 * h + 16):
+                    q = np.int32(np.rint(x[t, o + j] * inv))
+                    xq[p, t, h32 + j] = q
+                    s += q
+                xm[t, 2 * b + h] = d * np.float32(s)
             for i in range(8):
-                xdv[t, 8 * b + i] = d
+                xdv[p, t, h32 // 4 + i] = d
+
+
+@njit(cache=True)
+def _act_buffers(T, n):
+    # zeroed xq, xm, xdv for T activation rows of n values (see _quantize_act; _row_dots for the padding)
+    pairs = (n + 63) // 64
+    nm = (4 * pairs + 15) // 16 * 16
+    return np.zeros((pairs, T, 64), np.int8), np.zeros((T, nm), np.float32), np.zeros((pairs, T, 16), np.float32)
+
+
+# no fastmath here: numba would put its flags on the inlined _row_dots IR too, and LLVM could then fuse or
+# reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
+@njit(cache=True)
+def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, out):
+    # out[:, r0:r1] for rows r0..r1 of w. One branch per type around its loop, so the row dots inline with
+    # their type fixed: a call per row to a dispatching function cost 23 ns a row (2x on SmolLM2 shapes)
+    res = np.empty(xm.shape[0], np.float32)  # one weight row against every activation row
+    mrow = np.zeros(xm.shape[1], np.float32)  # scratch of _row_dots
+    for r in range(r0, r1):
+        if qtype == Q4_1:
+            _row_dots(Q4_1, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q8_0:
+            _row_dots(Q8_0, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q5_0:
+            _row_dots(Q5_0, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q4_K:
+            _row_dots(Q4_K, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q6_K:
+            _row_dots(Q6_K, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q4_0:
+            _row_dots(Q4_0, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q5_1:
+            _row_dots(Q5_1, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q5_K:
+            _row_dots(Q5_K, w[r], xq, xdv, xm, mrow, res)
+        elif qtype == Q3_K:
+            _row_dots(Q3_K, w[r], xq, xdv, xm, mrow, res)
+        else:
+            _row_dots(Q2_K, w[r], xq, xdv, xm, mrow, res)
+        out[:, r] = res
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _matmul_q8(qtype, w, x, out):
+    # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
+    xq, xm, xdv = _act_buffers(x.shape[0], x.shape[1])
+    # a called function, not array expressions: under parallel=True each of those is one more parallel region
+    _quantize_act(x, xq, xm, xdv)
+    R = w.shape[0]
+    for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
+        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xm, xdv, out)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Row dot products: one weight row (uint8 [row_bytes]) against one quantized activation row.
-# Offsets of each field inside a block follow ggml-common.h.
+# Dequantization of one row into float32: for get_rows, dequantize and the prefill tiles.
 
 
 @njit(cache=True)
@@ -418,177 +510,6 @@ def _scale_q3_k(w, o, i):
     lo = (w[o + i % 8] >> (4 * (i // 8))) & 15
     hi = (w[o + 8 + i % 4] >> (2 * (i // 4))) & 3
     return np.int32(lo | (hi << 4)) - 32
-
-
-@njit(fastmath=_FM, cache=True)
-def _vd_q2_k(w, xq, xd, xs, xm):
-    acc = np.float32(0.0)
-    accm = np.float32(0.0)
-    for b in range(w.shape[0] // 84):
-        o = b * 84
-        d = _f16(w, o + 80)
-        dmin = _f16(w, o + 82)
-        for c in range(8):  # chunks of 32 values, two 16-value sub-blocks each
-            k = b * 8 + c
-            lo, hi = _dot_k(w, o + 16 + 32 * (c // 4), 2 * (c % 4), 3, o, 0, 0, 0, xq, k * 32)
-            sa = np.int32(w[o + 2 * c])
-            sb = np.int32(w[o + 2 * c + 1])
-            acc += (d * xd[k]) * np.float32((sa & 15) * lo + (sb & 15) * hi)
-            accm += (dmin * xd[k]) * np.float32((sa >> 4) * xs[2 * k] + (sb >> 4) * xs[2 * k + 1])
-    return acc - accm
-
-
-@njit(fastmath=_FM, cache=True)
-def _vd_q3_k(w, xq, xd, xs, xm):
-    acc = np.float32(0.0)
-    for b in range(w.shape[0] // 110):
-        o = b * 110
-        d = _f16(w, o + 108)
-        for c in range(8):
-            k = b * 8 + c
-            n, j = c // 4, c % 4
-            # value = 2 low bits | high bit << 2, minus 4
-            lo, hi = _dot_k(w, o + 32 + 32 * n, 2 * j, 3, o, 4 * n + j, 1, 2, xq, k * 32)
-            isum = _scale_q3_k(w, o + 96, 2 * c) * (lo - 4 * xs[2 * k])
-            isum += _scale_q3_k(w, o + 96, 2 * c + 1) * (hi - 4 * xs[2 * k + 1])
-            acc += (d * xd[k]) * np.float32(isum)
-    return acc
-
-
-@njit(fastmath=_FM, cache=True)
-def _vd_q4_k(w, xq, xd, xs, xm):
-    return _vd_q45_k(w, xq, xd, xm, 144, 16, 0)
-
-
-@njit(fastmath=_FM, cache=True)
-def _vd_q5_k(w, xq, xd, xs, xm):
-    return _vd_q45_k(w, xq, xd, xm, 176, 48, 1)
-
-
-@njit(fastmath=_FM, cache=True)
-def _vd_q45_k(w, xq, xd, xm, bs, qs, hmask):
-    # Q4_K (bs 144, nibbles at 16) and Q5_K (bs 176, nibbles at 48, bit c of the 32 bytes at 16 is bit 4)
-    acc = np.float32(0.0)
-    accm = np.float32(0.0)
-    for b in range(w.shape[0] // bs):
-        o = b * bs
-        d = _f16(w, o)
-        dmin = _f16(w, o + 2)
-        for c in range(4):  # chunks c and c + 4: their 6-bit scales and mins share bytes (get_scale_min_k4)
-            s = o + 4
-            k = b * 8 + c
-            q = o + qs + 32 * (c // 2)
-            sc_a = np.int32(w[s + c] & 63)
-            m_a = np.float32(w[s + c + 4] & 63)
-            sc_b = np.int32((w[s + c + 8] & 15) | ((w[s + c] >> 6) << 4))
-            m_b = np.float32((w[s + c + 8] >> 4) | ((w[s + c + 4] >> 6) << 4))
-            dot_a = _dot_k32(w, q, 4 * (c % 2), 15, o + 16, c, hmask, 4, xq, k * 32)
-            dot_b = _dot_k32(w, q + 64, 4 * (c % 2), 15, o + 16, c + 4, hmask, 4, xq, k * 32 + 128)
-            acc += (d * xd[k]) * np.float32(sc_a * dot_a) + (d * xd[k + 4]) * np.float32(sc_b * dot_b)
-            accm += dmin * (m_a * xm[k] + m_b * xm[k + 4])
-    return acc - accm
-
-
-@njit(fastmath=_FM, cache=True)
-def _q6_k_chunk(w, o, n, j, xq, xs, k):
-    # value = 4 low bits | 2 high bits << 4, minus 32; two signed 8-bit scales per chunk
-    lo, hi = _dot_k(w, o + 64 * n + 32 * (j % 2), 4 * (j // 2), 15, o + 128 + 32 * n, 2 * j, 3, 4, xq, k * 32)
-    sa = np.int32(np.int8(w[o + 192 + 8 * n + 2 * j]))
-    sb = np.int32(np.int8(w[o + 193 + 8 * n + 2 * j]))
-    return sa * (lo - 32 * xs[2 * k]) + sb * (hi - 32 * xs[2 * k + 1])
-
-
-@njit(fastmath=_FM, cache=True)
-def _vd_q6_k(w, xq, xd, xs, xm):
-    acc = np.float32(0.0)
-    for b in range(w.shape[0] // 210):
-        o = b * 210
-        d = _f16(w, o + 208)
-        for n in range(2):
-            k = b * 8 + 4 * n
-            # the four chunks of a half written out: their shifts become constants
-            acc += (d * xd[k]) * np.float32(_q6_k_chunk(w, o, n, 0, xq, xs, k))
-            acc += (d * xd[k + 1]) * np.float32(_q6_k_chunk(w, o, n, 1, xq, xs, k + 1))
-            acc += (d * xd[k + 2]) * np.float32(_q6_k_chunk(w, o, n, 2, xq, xs, k + 2))
-            acc += (d * xd[k + 3]) * np.float32(_q6_k_chunk(w, o, n, 3, xq, xs, k + 3))
-    return acc
-
-
-# no fastmath here: numba would put its flags on the inlined _row_dots32 IR too, and LLVM could then fuse or
-# reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
-@njit(cache=True)
-def _dot_rows(qtype, w, r0, r1, xq, xd, xs, xm, xdv, out):
-    # out[:, r0:r1] for rows r0..r1 of w. One branch per type around its loops, so the row dots inline with
-    # their type fixed: a call per row to a dispatching function cost 23 ns a row (2x on SmolLM2 shapes)
-    T = xq.shape[0]
-    res = np.empty(T, np.float32)  # one weight row against every activation row (legacy 32-block types)
-    mrow = np.zeros(xm.shape[1], np.float32)  # scratch of _row_dots32
-    if qtype == Q4_1:
-        for r in range(r0, r1):
-            _row_dots32(Q4_1, w[r], xq, xdv, xm, mrow, res)
-            out[:, r] = res
-    elif qtype == Q8_0:
-        for r in range(r0, r1):
-            _row_dots32(Q8_0, w[r], xq, xdv, xm, mrow, res)
-            out[:, r] = res
-    elif qtype == Q5_0:
-        for r in range(r0, r1):
-            _row_dots32(Q5_0, w[r], xq, xdv, xm, mrow, res)
-            out[:, r] = res
-    elif qtype == Q4_0:
-        for r in range(r0, r1):
-            _row_dots32(Q4_0, w[r], xq, xdv, xm, mrow, res)
-            out[:, r] = res
-    elif qtype == Q5_1:
-        for r in range(r0, r1):
-            _row_dots32(Q5_1, w[r], xq, xdv, xm, mrow, res)
-            out[:, r] = res
-    elif qtype == Q4_K:
-        for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _vd_q4_k(w[r], xq[t], xd[t], xs[t], xm[t])
-    elif qtype == Q6_K:
-        for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _vd_q6_k(w[r], xq[t], xd[t], xs[t], xm[t])
-    elif qtype == Q5_K:
-        for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _vd_q5_k(w[r], xq[t], xd[t], xs[t], xm[t])
-    elif qtype == Q3_K:
-        for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _vd_q3_k(w[r], xq[t], xd[t], xs[t], xm[t])
-    else:
-        for r in range(r0, r1):
-            for t in range(T):
-                out[t, r] = _vd_q2_k(w[r], xq[t], xd[t], xs[t], xm[t])
-
-
-@njit(cache=True)
-def _act_buffers(T, n):
-    # zeroed buffers for T activation rows of n values on the int8 path: xq, xd, xs, xm, xdv (_quantize_act),
-    # padded to whole block pairs and, for xm, to a multiple of 16 blocks above nb (the vector loops of _row_dots32)
-    nb = n // 32
-    pairs = (nb + 1) // 2
-    nm = (nb + 16) // 16 * 16
-    return (np.zeros((T, 64 * pairs), np.int8), np.zeros((T, nb), np.float32), np.zeros((T, n // 16), np.int32),
-            np.zeros((T, nm), np.float32), np.zeros((T, 16 * pairs), np.float32))
-
-
-@njit(parallel=True, fastmath=_FM, cache=True)
-def _matmul_q8(qtype, w, x, out):
-    # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
-    xq, xd, xs, xm, xdv = _act_buffers(x.shape[0], x.shape[1])
-    # a called function, not array expressions: under parallel=True each of those is one more parallel region
-    _quantize_act(x, xq, xd, xs, xm, xdv)
-    R = w.shape[0]
-    for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
-        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xd, xs, xm, xdv, out)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Dequantization of one row into float32: for get_rows, dequantize and the prefill tiles.
 
 
 @njit(fastmath=_FM, cache=True)
@@ -748,6 +669,20 @@ def _check(w: QTensor) -> np.ndarray:
     return data
 
 
+_ENTRIES: dict = {}  # (kernel, qtype) -> its compiled entry point
+
+
+def _for_type(kernel, qtype: int, *args):
+    """kernel compiled for one quant type (a literal argument: the branches of the other types fold away), so
+    a model compiles and loads from numba's cache only the types it has.  Called directly, not through the
+    dispatcher: args must have the types of the first call (C-contiguous arrays, weights read-only)."""
+    entry = _ENTRIES.get((kernel, qtype))
+    if entry is None:
+        entry = kernel.compile((types.IntegerLiteral(qtype), *(typeof(a) for a in args)))
+        _ENTRIES[kernel, qtype] = entry
+    return entry(qtype, *args)
+
+
 _PATHS = ("auto", "int8", "float")
 
 
@@ -768,10 +703,9 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: st
         x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty((x.shape[0], n_out), np.float32)
-    if uses_int8(w.qtype, x.shape[0], path):
-        _matmul_q8(w.qtype, data, x, out)
-    else:
-        _matmul_f32(w.qtype, data, x, out)
+    elif out.shape != (x.shape[0], n_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"matmul with '{w.name}': out must be a C-contiguous float32 [{x.shape[0]}, {n_out}]")
+    _for_type(_matmul_q8 if uses_int8(w.qtype, x.shape[0], path) else _matmul_f32, w.qtype, data, x, out)
     return out
 
 
@@ -791,7 +725,7 @@ def get_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:
     if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
         raise IndexError(f"row id out of range for '{w.name}' with {w.shape[0]} rows")
     out = np.empty((ids.shape[0], w.shape[1]), np.float32)
-    _dequant_rows(w.qtype, data, ids, out)
+    _for_type(_dequant_rows, w.qtype, data, ids, out)
     return out
 
 
