@@ -451,31 +451,12 @@ def _act_buffers(T, n):
 # reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
 @njit(cache=True)
 def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, out):
-    # out[:, r0:r1] for rows r0..r1 of w. One branch per type around its loop, so the row dots inline with
-    # their type fixed: a call per row to a dispatching function cost 23 ns a row (2x on SmolLM2 shapes)
+    # out[:, r0:r1] for rows r0..r1 of w; qtype is a literal (see _for_type), so the row dots inline with
+    # their type fixed
     res = np.empty(xm.shape[0], np.float32)  # one weight row against every activation row
     mrow = np.zeros(xm.shape[1], np.float32)  # scratch of _row_dots
     for r in range(r0, r1):
-        if qtype == Q4_1:
-            _row_dots(Q4_1, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q8_0:
-            _row_dots(Q8_0, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q5_0:
-            _row_dots(Q5_0, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q4_K:
-            _row_dots(Q4_K, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q6_K:
-            _row_dots(Q6_K, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q4_0:
-            _row_dots(Q4_0, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q5_1:
-            _row_dots(Q5_1, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q5_K:
-            _row_dots(Q5_K, w[r], xq, xdv, xm, mrow, res)
-        elif qtype == Q3_K:
-            _row_dots(Q3_K, w[r], xq, xdv, xm, mrow, res)
-        else:
-            _row_dots(Q2_K, w[r], xq, xdv, xm, mrow, res)
+        _row_dots(qtype, w[r], xq, xdv, xm, mrow, res)
         out[:, r] = res
 
 
