@@ -48,3 +48,61 @@ def test_attention_mixed_batch(kv_dtype, window):
         alone = np.empty_like(q[t:t + 1])
         cpu.attention(q[t:t + 1], kc, vc, slot[t:t + 1], pos[t:t + 1], window, np.float32(0.25), alone)
         np.testing.assert_array_equal(alone, out[t:t + 1])
+
+
+@pytest.mark.parametrize("kv_dtype", [np.uint16, np.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize("hd, n_heads, n_kv", [(20, 3, 1), (64, 9, 3), (80, 7, 1)],
+                         ids=["hd20-g3", "hd64-g3", "hd80-g7"])
+def test_attention_same_bits_whatever_the_call(kv_dtype, hd, n_heads, n_kv):
+    """Head sizes that are not a multiple of 16, odd groups (query heads in pairs and a lone one), groups of more
+    than 4 (two passes over the values), keys up to the end of the cache, with 1 and 2 threads (a lone query's
+    heads are split across threads): a query's result is the same bits alone or in any batch."""
+    import numba
+
+    rng = np.random.default_rng(1)
+    n_slots, n_ctx = 3, 80
+    kc = rng.standard_normal((n_slots, n_kv, n_ctx, hd)).astype(np.float16)
+    vc = rng.standard_normal((n_slots, n_kv, n_ctx, hd)).astype(np.float16)
+    kc, vc = (kc.view(np.uint16), vc.view(np.uint16)) if kv_dtype == np.uint16 else (kc.astype(np.float32),
+                                                                                     vc.astype(np.float32))
+    slot = np.array([1] * 20 + [0, 2])  # a 20-query prompt chunk (runs of 16 + 4), then two decode queries
+    pos = np.array(list(range(40, 60)) + [n_ctx - 1, 3])
+    q = rng.standard_normal((len(slot), n_heads * hd)).astype(np.float32)
+    threads = numba.get_num_threads()
+    try:
+        for window in (0, 23):
+            results = []
+            for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+                numba.set_num_threads(n)
+                out = np.full_like(q, np.nan)
+                cpu.attention(q, kc, vc, slot, pos, window, np.float32(0.3), out)
+                results.append(out)
+                for t in (0, 7, 16, 19, 20, 21):
+                    alone = np.empty_like(q[t:t + 1])
+                    cpu.attention(q[t:t + 1], kc, vc, slot[t:t + 1], pos[t:t + 1], window, np.float32(0.3), alone)
+                    np.testing.assert_array_equal(alone, out[t:t + 1])
+                part = np.empty_like(q[5:18])  # the same prompt cut elsewhere: other runs of 16
+                cpu.attention(q[5:18], kc, vc, slot[5:18], pos[5:18], window, np.float32(0.3), part)
+                np.testing.assert_array_equal(part, out[5:18])
+            for out in results[1:]:
+                np.testing.assert_array_equal(out, results[0])
+            np.testing.assert_allclose(results[0], attention_reference(q, kc, vc, slot, pos, window, 0.3),
+                                       rtol=0, atol=2e-5)
+    finally:
+        numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.uint16, np.float32], ids=["f16", "f32"])
+def test_kv_write(kv_dtype):
+    rng = np.random.default_rng(2)
+    n_kv, hd = 2, 20
+    slot, pos = np.array([2, 0, 2]), np.array([5, 0, 6])
+    k, v = rng.standard_normal((2, 3, n_kv * hd)).astype(np.float32)
+    kc, vc = np.zeros((3, n_kv, 16, hd), kv_dtype), np.zeros((3, n_kv, 16, hd), kv_dtype)
+    cpu.kv_write(kc, vc, slot, pos, k, v)
+    for cache, x in ((kc, k), (vc, v)):
+        want = np.zeros_like(cache)
+        for t in range(3):
+            row = x[t].reshape(n_kv, hd)
+            want[slot[t], :, pos[t]] = row.astype(np.float16).view(np.uint16) if kv_dtype == np.uint16 else row
+        np.testing.assert_array_equal(cache, want)

@@ -136,12 +136,313 @@ def kv_write(k_cache, v_cache, slot, pos, k, v):
     n_kv, hd = k_cache.shape[1], k_cache.shape[3]
     for t in range(T):
         for h in range(n_kv):
+            kd, vd = k_cache[slot[t], h, pos[t]], v_cache[slot[t], h, pos[t]]  # 1-D rows: vectorized conversion
+            ks, vs = k[t, h * hd:(h + 1) * hd], v[t, h * hd:(h + 1) * hd]
             for d in range(hd):
-                k_cache[slot[t], h, pos[t], d] = kv_encode(k_cache, k[t, h * hd + d])
-                v_cache[slot[t], h, pos[t], d] = kv_encode(v_cache, v[t, h * hd + d])
+                kd[d] = kv_encode(k_cache, ks[d])
+            for d in range(hd):
+                vd[d] = kv_encode(v_cache, vs[d])
 
 
-Q_BLOCK = 16  # queries of one slot per attention job: each key/value row is converted once and used by all
+# --- attention ---------------------------------------------------------------------------------------
+# The inner loops are LLVM vector IR emitted by the intrinsics below (as in qmatmul.py): 16 float lanes, an
+# explicit FMA per term and no fast-math flags, so every query's arithmetic is fixed by its own positions and
+# never by the rest of the call.  Per job (a run of queries of one slot x one key/value head x some of its query
+# heads): each block of 16 keys is converted once to float32 (_keys16) and dotted with every query row 16 keys
+# at a time (_qk, _qk2: one horizontal sum per 16 dots, by a transposing tree that adds each key's lanes in the
+# same order wherever the key falls); _softmax exponentiates each row's own range; _pv accumulates
+# probabilities x values with up to 4 rows x 64 values in registers.
+from numba.core import cgutils  # noqa: E402
+
+Q_BLOCK = 16  # queries of one slot per attention job: each block of keys is converted once and used by all
+_LANES = 16  # float32 lanes per vector, and keys per block of scores
+_MAX_ROWS = 4  # query rows per pass over the values (x _CHUNKS vectors of accumulators in registers)
+_CHUNKS = 4
+_f32t, _i32t, _i64t = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_vf = ir.VectorType(_f32t, _LANES)
+
+
+def _i64(v):
+    return ir.Constant(_i64t, v)
+
+
+def _lanes_of(k, values):
+    return ir.Constant(ir.VectorType(k, len(values)), values)
+
+
+def _data(context, builder, ty, ary):
+    return context.make_array(ty)(context, builder, ary).data
+
+
+def _shape(context, builder, ty, ary):
+    return cgutils.unpack_tuple(builder, context.make_array(ty)(context, builder, ary).shape)
+
+
+def _splat(builder, x):
+    v = builder.insert_element(ir.Constant(_vf, None), x, ir.Constant(_i32t, 0))
+    return builder.shuffle_vector(v, v, _lanes_of(_i32t, [0] * _LANES))
+
+
+def _fma(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vf, [_vf] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _load16(builder, data, i, half, rem=None):
+    """<16 x float> of elements i.. of float32 or f16-bits data; with rem (IR i64 < 16) only that many, then 0."""
+    if rem is None:
+        p = builder.gep(data, [i])
+        if half:
+            h = builder.load(builder.bitcast(p, ir.VectorType(ir.HalfType(), _LANES).as_pointer()), align=2)
+            return builder.fpext(h, _vf)
+        return builder.load(builder.bitcast(p, _vf.as_pointer()), align=4)
+    v = ir.Constant(_vf, None)
+    for lane in range(_LANES):
+        inside = builder.icmp_signed("<", _i64(lane), rem)
+        p = builder.gep(data, [builder.add(i, builder.select(inside, _i64(lane), _i64(0)))])
+        if half:
+            x = builder.fpext(builder.load(builder.bitcast(p, ir.HalfType().as_pointer()), align=2), _f32t)
+        else:
+            x = builder.load(p, align=4)
+        v = builder.insert_element(v, builder.select(inside, x, ir.Constant(_f32t, 0.0)), ir.Constant(_i32t, lane))
+    return v
+
+
+def _store16(builder, data, i, v):
+    builder.store(v, builder.bitcast(builder.gep(data, [i]), v.type.as_pointer()), align=4)
+
+
+def _halves(builder, v, op):
+    """Fold a vector in halves (lane i with lane i + n/2) down to one value: a fixed order."""
+    while v.type.count > 1:
+        n = v.type.count // 2
+        lo = builder.shuffle_vector(v, v, _lanes_of(_i32t, list(range(n))))
+        hi = builder.shuffle_vector(v, v, _lanes_of(_i32t, list(range(n, 2 * n))))
+        v = op(lo, hi)
+    return builder.extract_element(v, ir.Constant(_i32t, 0))
+
+
+def _transpose_sums(builder, parts):
+    """16 vectors -> one vector of their 16 lane sums.  Each sum is the halving tree of _halves (lanes i + i+8,
+    then + 4, + 2, + 1), the same additions in the same order in every lane."""
+    for width in (8, 4, 2, 1):  # each source vector holds 16 / (2 * width) sums-to-be of 2 * width lanes
+        first, second = [], []
+        for src in range(2):
+            for g in range(_LANES // (2 * width)):
+                first += [src * _LANES + g * 2 * width + i for i in range(width)]
+                second += [src * _LANES + g * 2 * width + width + i for i in range(width)]
+        parts = [builder.fadd(builder.shuffle_vector(a, b, _lanes_of(_i32t, first)),
+                              builder.shuffle_vector(a, b, _lanes_of(_i32t, second)))
+                 for a, b in zip(parts[0::2], parts[1::2])]
+    return parts[0]
+
+
+@intrinsic
+def _num_threads(typingctx):
+    """numba.get_num_threads() minus its ctypes call, which would keep the caller out of numba's cache."""
+    from numba.np.ufunc.parallel import _launch_threads
+    _launch_threads()
+
+    def codegen(context, builder, sig, args):
+        return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(_i64t, []),
+                                                           "get_num_threads"), [])
+    return types.int64(), codegen
+
+
+@intrinsic
+def _keys16(typingctx, keys, j, kb):
+    """kb[k, :] = float32 of keys[min(j + k, n_ctx - 1)] for k < 16, zeros past head_dim.  keys: [n_ctx,
+    head_dim] (float32 or f16 bits); kb: [16, head_dim rounded up to 16] float32."""
+    def codegen(context, builder, sig, args):
+        keys_, j_, kb_ = args
+        half = sig.args[0].dtype == types.uint16
+        pk, pb = _data(context, builder, sig.args[0], keys_), _data(context, builder, sig.args[2], kb_)
+        n_ctx, hd = _shape(context, builder, sig.args[0], keys_)
+        ldb = _shape(context, builder, sig.args[2], kb_)[1]
+        n16, rem = builder.udiv(hd, _i64(_LANES)), builder.urem(hd, _i64(_LANES))
+        whole = builder.and_(builder.icmp_unsigned("==", rem, _i64(0)),
+                             builder.icmp_signed("<=", builder.add(j_, _i64(_LANES)), n_ctx))
+        with builder.if_else(whole, likely=True) as (then, otherwise):
+            with then:  # 16 whole rows, contiguous in both arrays: one flat loop
+                src = builder.mul(j_, hd)
+                with cgutils.for_range(builder, n16) as c:
+                    for u in range(_LANES):
+                        o = builder.add(builder.mul(c.index, _i64(_LANES * _LANES)), _i64(_LANES * u))
+                        _store16(builder, pb, o, _load16(builder, pk, builder.add(src, o), half))
+            with otherwise:  # the end of the cache (repeat its last row) or a head_dim not a multiple of 16
+                last = builder.sub(n_ctx, _i64(1))
+                with cgutils.for_range(builder, _i64(_LANES)) as kk:
+                    jk = builder.add(j_, kk.index)
+                    src = builder.mul(builder.select(builder.icmp_signed("<", jk, last), jk, last), hd)
+                    dst = builder.mul(kk.index, ldb)
+                    with cgutils.for_range(builder, n16) as c:
+                        o = builder.mul(c.index, _i64(_LANES))
+                        _store16(builder, pb, builder.add(dst, o), _load16(builder, pk, builder.add(src, o), half))
+                    with builder.if_then(builder.icmp_unsigned("!=", rem, _i64(0)), likely=False):
+                        o = builder.mul(n16, _i64(_LANES))
+                        _store16(builder, pb, builder.add(dst, o), _load16(builder, pk, builder.add(src, o), half, rem))
+        return context.get_dummy_value()
+    return types.none(keys, j, kb), codegen
+
+
+@intrinsic
+def _qk(typingctx, q, qo, kb, scale, s, so):
+    """s[so + k] = scale * dot(q[qo:qo + ld], kb[k]) for the 16 rows k of kb [16, ld] float32 (ld a multiple
+    of 16; q zero-padded as kb).  A key's dot: 16 lanes of FMAs in order along the row, then its lanes' tree."""
+    def codegen(context, builder, sig, args):
+        q_, qo_, kb_, scale_, s_, so_ = args
+        pq, pk, ps = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
+        ld = _shape(context, builder, sig.args[2], kb_)[1]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf, None)) for _ in range(_LANES)]
+        for a in accs:  # (re)zeroed here, where the call is: alloca_once puts the slots in the entry block
+            builder.store(ir.Constant(_vf, None), a)
+        with cgutils.for_range(builder, builder.udiv(ld, _i64(_LANES))) as c:
+            o = builder.mul(c.index, _i64(_LANES))
+            qv = _load16(builder, pq, builder.add(qo_, o), False)
+            for k in range(_LANES):
+                kv = _load16(builder, pk, builder.add(builder.mul(_i64(k), ld), o), False)
+                builder.store(_fma(builder, qv, kv, builder.load(accs[k])), accs[k])
+        sums = _transpose_sums(builder, [builder.load(a) for a in accs])
+        _store16(builder, ps, so_, builder.fmul(sums, _splat(builder, scale_)))
+        return context.get_dummy_value()
+    return types.none(q, qo, kb, scale, s, so), codegen
+
+
+@intrinsic
+def _qk2(typingctx, q, qa, qb, kb, k0, scale, s, sa, sb):
+    """_qk for two query rows (offsets qa, qb) and the 8 keys k0..k0+7 of kb: s[sa + k] and s[sb + k], k < 8.
+    Each key vector loaded serves both rows; every score is _qk's, bit for bit."""
+    def codegen(context, builder, sig, args):
+        q_, qa_, qb_, kb_, k0_, scale_, s_, sa_, sb_ = args
+        pq, pk, ps = (_data(context, builder, sig.args[i], args[i]) for i in (0, 3, 6))
+        ld = _shape(context, builder, sig.args[3], kb_)[1]
+        half = _LANES // 2
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf, None)) for _ in range(_LANES)]  # a, then b
+        for a in accs:
+            builder.store(ir.Constant(_vf, None), a)
+        rows = [builder.mul(builder.add(k0_, _i64(k)), ld) for k in range(half)]
+        with cgutils.for_range(builder, builder.udiv(ld, _i64(_LANES))) as c:
+            o = builder.mul(c.index, _i64(_LANES))
+            qva = _load16(builder, pq, builder.add(qa_, o), False)
+            qvb = _load16(builder, pq, builder.add(qb_, o), False)
+            for k in range(half):
+                kv = _load16(builder, pk, builder.add(rows[k], o), False)
+                builder.store(_fma(builder, qva, kv, builder.load(accs[k])), accs[k])
+                builder.store(_fma(builder, qvb, kv, builder.load(accs[half + k])), accs[half + k])
+        sums = builder.fmul(_transpose_sums(builder, [builder.load(a) for a in accs]), _splat(builder, scale_))
+        for i, so in enumerate((sa_, sb_)):
+            lanes = _lanes_of(_i32t, list(range(half * i, half * i + half)))
+            _store16(builder, ps, so, builder.shuffle_vector(sums, sums, lanes))
+        return context.get_dummy_value()
+    return types.none(q, qa, qb, kb, k0, scale, s, sa, sb), codegen
+
+
+def _exp16(builder, x):
+    """exp of each lane of x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, ~1 ulp; below -87
+    it flushes to ~1e-38), the same operations in every lane."""
+    def k(v):
+        return ir.Constant(_vf, [v] * _LANES)
+    x = builder.select(builder.fcmp_ordered("<", x, k(-87.0)), k(-87.0), x)
+    floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vf, [_vf]), "llvm.floor.v16f32")
+    n = builder.call(floor, [_fma(builder, x, k(1.44269504088896341), k(0.5))])
+    r = _fma(builder, n, k(2.12194440e-4), _fma(builder, n, k(-0.693359375), x))
+    p = k(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = _fma(builder, p, r, k(c))
+    y = builder.fadd(_fma(builder, builder.fmul(p, r), r, r), k(1.0))
+    vi = ir.VectorType(_i32t, _LANES)
+    e = builder.shl(builder.add(builder.fptosi(n, vi), _lanes_of(_i32t, [127] * _LANES)),
+                    _lanes_of(_i32t, [23] * _LANES))
+    return builder.fmul(y, builder.bitcast(e, _vf))
+
+
+@intrinsic
+def _softmax(typingctx, s, so, n):
+    """s[so:so+n] <- exp(s - max); returns their sum (16 lanes in order, then _halves).  The vector steps read and
+    rewrite, unchanged, up to 15 floats past the end: s must extend that far."""
+    def codegen(context, builder, sig, args):
+        s_, so_, n_ = args
+        ps = _data(context, builder, sig.args[0], s_)
+        vi = ir.VectorType(_i64t, _LANES)
+        n_vec = builder.udiv(builder.add(n_, _i64(_LANES - 1)), _i64(_LANES))
+
+        def at(c):
+            return builder.add(so_, builder.mul(c, _i64(_LANES)))
+
+        def valid(c):  # lanes of vector c inside the row
+            left = builder.insert_element(ir.Constant(vi, None), builder.sub(n_, builder.mul(c, _i64(_LANES))),
+                                          ir.Constant(_i32t, 0))
+            left = builder.shuffle_vector(left, left, _lanes_of(_i32t, [0] * _LANES))
+            return builder.icmp_signed("<", _lanes_of(_i64t, list(range(_LANES))), left)
+
+        neg = ir.Constant(_vf, [-3.0e38] * _LANES)  # finite: no -inf in sight (fastmath elsewhere assumes none)
+        m = cgutils.alloca_once_value(builder, neg)
+        with cgutils.for_range(builder, n_vec) as c:
+            v = builder.select(valid(c.index), _load16(builder, ps, at(c.index), False), neg)
+            old = builder.load(m)
+            builder.store(builder.select(builder.fcmp_ordered(">", v, old), v, old), m)
+        mx = _splat(builder, _halves(builder, builder.load(m),
+                                     lambda a, b: builder.select(builder.fcmp_ordered(">", a, b), a, b)))
+        total = cgutils.alloca_once_value(builder, ir.Constant(_vf, None))
+        with cgutils.for_range(builder, n_vec) as c:
+            ok = valid(c.index)
+            old = _load16(builder, ps, at(c.index), False)
+            e = _exp16(builder, builder.fsub(builder.select(ok, old, mx), mx))
+            e = builder.select(ok, e, ir.Constant(_vf, None))
+            builder.store(builder.fadd(builder.load(total), e), total)
+            _store16(builder, ps, at(c.index), builder.select(ok, e, old))
+        return _halves(builder, builder.load(total), builder.fadd)
+    return types.float32(s, so, n), codegen
+
+
+@intrinsic
+def _pv(typingctx, acc, ao, lda, nr, w, wo, ldw, values, j, nk):
+    """acc[ao + r*lda + d] += sum over k < nk, in order, of w[wo + r*ldw + k] * values[j + k, d] for rows
+    r < nr <= 4 and every d (acc rows padded to a multiple of 16).  One FMA per term and element; a row's sums do
+    not depend on nr."""
+    def codegen(context, builder, sig, args):
+        acc_, ao_, lda_, nr_, w_, wo_, ldw_, values_, j_, nk_ = args
+        half = sig.args[7].dtype == types.uint16
+        pa, pw, pv = (_data(context, builder, sig.args[i], args[i]) for i in (0, 4, 7))
+        hd = _shape(context, builder, sig.args[7], values_)[1]
+        n16, rem = builder.udiv(hd, _i64(_LANES)), builder.urem(hd, _i64(_LANES))
+        regs = [[cgutils.alloca_once(builder, _vf) for _ in range(_CHUNKS)] for _ in range(_MAX_ROWS)]
+        end = builder.append_basic_block("pv.end")
+        switch = builder.switch(nr_, end)
+        for R in range(1, _MAX_ROWS + 1):  # one code path per row count: accumulators in registers
+            bb = builder.append_basic_block(f"pv.rows{R}")
+            switch.add_case(_i64(R), bb)
+            builder.position_at_end(bb)
+            wrow = [builder.add(wo_, builder.mul(_i64(i), ldw_)) for i in range(R)]
+
+            def chunks(o, n_chunks, rem=None):  # values o .. o + 16 * n_chunks of each row, over all nk keys
+                offs = [builder.add(o, _i64(_LANES * c)) for c in range(n_chunks)]
+                at = [[builder.add(builder.add(ao_, builder.mul(_i64(i), lda_)), oc) for oc in offs] for i in range(R)]
+                for i in range(R):
+                    for c in range(n_chunks):
+                        builder.store(_load16(builder, pa, at[i][c], False), regs[i][c])
+                with cgutils.for_range(builder, nk_) as kk:
+                    row = builder.mul(builder.add(j_, kk.index), hd)
+                    vv = [_load16(builder, pv, builder.add(row, oc), half, rem) for oc in offs]
+                    for i in range(R):
+                        wv = _splat(builder, builder.load(builder.gep(pw, [builder.add(wrow[i], kk.index)])))
+                        for c in range(n_chunks):
+                            builder.store(_fma(builder, wv, vv[c], builder.load(regs[i][c])), regs[i][c])
+                for i in range(R):
+                    for c in range(n_chunks):
+                        _store16(builder, pa, at[i][c], builder.load(regs[i][c]))
+
+            n_groups = builder.udiv(n16, _i64(_CHUNKS))
+            with cgutils.for_range(builder, n_groups) as g:
+                chunks(builder.mul(g.index, _i64(_LANES * _CHUNKS)), _CHUNKS)
+            with cgutils.for_range_slice(builder, builder.mul(n_groups, _i64(_CHUNKS)), n16, _i64(1)) as (c, _):
+                chunks(builder.mul(c, _i64(_LANES)), 1)
+            with builder.if_then(builder.icmp_unsigned("!=", rem, _i64(0)), likely=False):
+                chunks(builder.mul(n16, _i64(_LANES)), 1, rem)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+    return types.none(acc, ao, lda, nr, w, wo, ldw, values, j, nk), codegen
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -152,12 +453,16 @@ def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
     out: [T, n_heads * head_dim].  Query t sees positions max(0, pos[t] - window + 1) .. pos[t] of its slot
     (window <= 0: no window).  The cache must already hold the keys/values of every position <= pos[t].
     A job is one key/value head for a run of up to Q_BLOCK consecutive queries of one slot (prefill: a block
-    of the prompt; batched decode: one sequence's query): every query head of its group shares each key/value
-    row read.  Every query's arithmetic is the same whatever run it lands in.
+    of the prompt; batched decode: one sequence's query) and its group of query heads, or half of them when
+    there are too few jobs for the threads (a single sequence's decode step).  Jobs go longest first to the
+    least loaded thread.  Every query's arithmetic is the same whatever job it lands in.
     """
     T = q.shape[0]
+    if T == 0:
+        return
     n_kv, hd = k_cache.shape[1], k_cache.shape[3]
     group = q.shape[1] // hd // n_kv
+    hdp = (hd + _LANES - 1) // _LANES * _LANES
     starts = np.empty(T + 1, dtype=np.int64)  # runs: queries starts[i] .. starts[i+1]-1
     n_runs = 0
     for t in range(T):
@@ -165,66 +470,124 @@ def attention(q, k_cache, v_cache, slot, pos, window, scale, out):
             starts[n_runs] = t
             n_runs += 1
     starts[n_runs] = T
-    for job in prange(n_runs * n_kv):
-        h = job % n_kv
-        # pair late (long causal rows) with early runs: prange hands each thread a contiguous range of jobs
-        b = job // n_kv
-        i = b // 2 if b % 2 == 0 else n_runs - 1 - b // 2
-        t0, t1 = starts[i], starts[i + 1]
-        _attend_run(q, k_cache[slot[t0], h], v_cache[slot[t0], h], pos, t0, t1, h * group, group, window, scale,
-                    out)
+    n_threads = max(1, _num_threads())
+    parts = 1  # pieces of each kv head's group of query heads
+    if group > 1 and n_threads > 1 and n_runs * n_kv < 2 * n_threads:
+        parts = min(group, max(2, (n_threads + n_runs * n_kv - 1) // (n_runs * n_kv)))
+    per = (group + parts - 1) // parts
+    parts = (group + per - 1) // per
+    n_jobs = n_runs * n_kv * parts
+    # plain loops from here to the prange: an array expression would be a parallel region of its own
+    cost = np.empty(n_jobs, dtype=np.float64)  # ~ key rows read + row-key products
+    ld_max, nq_max = 0, 0
+    for i in range(n_runs):
+        lo_min, hi_max, work = pos[starts[i]] + 1, 0, 0
+        for t in range(starts[i], starts[i + 1]):
+            lo = 0 if window <= 0 else max(0, pos[t] + 1 - window)
+            lo_min, hi_max, work = min(lo_min, lo), max(hi_max, pos[t] + 1), work + pos[t] + 1 - lo
+        ld_max = max(ld_max, (hi_max - lo_min // _LANES * _LANES + _LANES - 1) // _LANES * _LANES)
+        nq_max = max(nq_max, starts[i + 1] - starts[i])
+        for h in range(n_kv):
+            for p in range(parts):
+                rows = min(group, (p + 1) * per) - p * per
+                cost[(i * n_kv + h) * parts + p] = hi_max - lo_min + work * rows + 64.0
+    order = np.empty(n_jobs, dtype=np.int64)  # costliest first: Shell sort (np.argsort: +1.4 s of compile)
+    for k in range(n_jobs):
+        order[k] = k
+    gap = 1
+    while gap < n_jobs // 3:
+        gap = 3 * gap + 1
+    while gap > 0:
+        for k in range(gap, n_jobs):
+            x, u = order[k], k
+            while u >= gap and cost[order[u - gap]] < cost[x]:
+                order[u] = order[u - gap]
+                u -= gap
+            order[u] = x
+        gap //= 3
+    n_w = min(n_threads, n_jobs)
+    load = np.empty(n_w, dtype=np.float64)
+    for w in range(n_w):
+        load[w] = 0.0
+    owner = np.empty(n_jobs, dtype=np.int64)  # each job to the least loaded worker (one per thread)
+    for k in range(n_jobs):
+        w = 0
+        for u in range(1, n_w):
+            if load[u] < load[w]:
+                w = u
+        owner[order[k]] = w
+        load[w] += cost[order[k]]
+    rows_max = nq_max * per
+    for w in prange(n_w):
+        qr = np.empty((rows_max, hdp), dtype=np.float32)  # per-thread workspace, reused by its jobs
+        acc = np.empty((rows_max, hdp), dtype=np.float32)
+        kb = np.empty((_LANES, hdp), dtype=np.float32)
+        scores = np.empty(rows_max * ld_max + _LANES, dtype=np.float32)
+        inv = np.empty(rows_max, dtype=np.float32)
+        lo = np.empty(Q_BLOCK, dtype=np.int64)
+        hi = np.empty(Q_BLOCK, dtype=np.int64)
+        for k in range(n_jobs):
+            job = order[k]
+            if owner[job] != w:
+                continue
+            g0 = job % parts * per
+            h = job // parts % n_kv
+            i = job // parts // n_kv
+            t0 = starts[i]
+            _attend_run(q, k_cache[slot[t0], h], v_cache[slot[t0], h], pos, t0, starts[i + 1], h * group + g0,
+                        min(group, g0 + per) - g0, window, scale, out, qr, acc, kb, scores, inv, lo, hi)
 
 
-@njit(fastmath=FASTMATH)
-def _attend_run(q, keys, values, pos, t0, t1, h0, group, window, scale, out):
-    """Queries t0..t1-1 (one slot) of query heads h0..h0+group-1 against keys, values: [n_ctx, head_dim]."""
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_run(q, keys, values, pos, t0, t1, h0, nh, window, scale, out, qr, acc, kb, scores, inv, lo, hi):
+    """Queries t0..t1-1 (one slot) of query heads h0..h0+nh-1 against keys, values: [n_ctx, head_dim].
+    The rest is workspace: qr, acc [>= rows, hdp]; kb [16, hdp]; scores [>= rows * ld + 16]; inv [>= rows];
+    lo, hi [>= t1 - t0] (hdp: head_dim rounded up to 16; rows = (t1 - t0) * nh, query-major)."""
     hd = keys.shape[1]
-    n = (t1 - t0) * group  # query rows: r = query * group + head
-    lo = np.empty(n, dtype=np.int64)
-    hi = np.empty(n, dtype=np.int64)
-    qr = np.empty((n, hd), dtype=np.float32)  # [query rows, head_dim], contiguous for the dots below
-    for r in range(n):
-        t, qo = t0 + r // group, (h0 + r % group) * hd
-        hi[r] = pos[t] + 1
-        lo[r] = 0 if window <= 0 else max(0, hi[r] - window)
+    hdp = qr.shape[1]
+    nq = t1 - t0
+    for i in range(nq):
+        hi[i] = pos[t0 + i] + 1
+        lo[i] = 0 if window <= 0 else max(0, hi[i] - window)
+    base, top = lo[0], hi[0]
+    for i in range(1, nq):
+        base, top = min(base, lo[i]), max(top, hi[i])
+    base = base // _LANES * _LANES  # scores[r * ld + j - base]: key j of row r, in blocks of 16 aligned
+    ld = (top - base + _LANES - 1) // _LANES * _LANES
+    for r in range(nq * nh):
+        t, qo = t0 + r // nh, (h0 + r % nh) * hd
+        src, dst, a = q[t, qo:qo + hd], qr[r], acc[r]
         for d in range(hd):
-            qr[r, d] = q[t, qo + d]
-    j0, j1 = lo.min(), hi.max()
-    scores = np.empty((n, j1 - j0), dtype=np.float32)  # [query rows, key positions j0..j1-1]
-    row = np.empty(hd, dtype=np.float32)  # one key (then value) row in float32
-    for j in range(j0, j1):
+            dst[d] = src[d]
+        for d in range(hd, hdp):
+            dst[d] = 0.0
+        for d in range(hdp):
+            a[d] = 0.0
+    for jb in range(base, top, _LANES):
+        _keys16(keys, jb, kb)
+        for i in range(nq):
+            if lo[i] < jb + _LANES and jb < hi[i]:
+                r = i * nh
+                for g in range(0, nh - 1, 2):  # pairs of heads, then the odd one
+                    for k0 in range(0, _LANES, _LANES // 2):
+                        o = jb - base + k0
+                        _qk2(qr, (r + g) * hdp, (r + g + 1) * hdp, kb, k0, scale, scores, (r + g) * ld + o,
+                             (r + g + 1) * ld + o)
+                if nh % 2 == 1:
+                    _qk(qr, (r + nh - 1) * hdp, kb, scale, scores, (r + nh - 1) * ld + jb - base)
+    for r in range(nq * nh):
+        i = r // nh
+        inv[r] = np.float32(1.0) / _softmax(scores, r * ld + lo[i] - base, hi[i] - lo[i])
+    for i in range(nq):
+        for g in range(0, nh, _MAX_ROWS):
+            r = i * nh + g
+            _pv(acc, r * hdp, hdp, min(_MAX_ROWS, nh - g), scores, r * ld + lo[i] - base, ld, values, lo[i],
+                hi[i] - lo[i])
+    for r in range(nq * nh):
+        t, qo = t0 + r // nh, (h0 + r % nh) * hd
+        dst, src, w = out[t, qo:qo + hd], acc[r], inv[r]
         for d in range(hd):
-            row[d] = kv_load(keys[j, d])
-        for r in range(n):
-            if lo[r] <= j < hi[r]:
-                acc = np.float32(0.0)
-                for d in range(hd):
-                    acc += qr[r, d] * row[d]
-                scores[r, j - j0] = acc * scale
-    inv = np.empty(n, dtype=np.float32)
-    for r in range(n):  # softmax over each query's own positions
-        m = np.float32(-3.0e38)
-        for j in range(lo[r], hi[r]):
-            m = max(m, scores[r, j - j0])
-        total = np.float32(0.0)
-        for j in range(lo[r], hi[r]):
-            e = np.exp(scores[r, j - j0] - m)
-            scores[r, j - j0] = e
-            total += e
-        inv[r] = np.float32(1.0) / total
-    acc_v = np.zeros((n, hd), dtype=np.float32)  # [query rows, head_dim]
-    for j in range(j0, j1):
-        for d in range(hd):
-            row[d] = kv_load(values[j, d])
-        for r in range(n):
-            if lo[r] <= j < hi[r]:
-                w = scores[r, j - j0] * inv[r]
-                for d in range(hd):
-                    acc_v[r, d] += w * row[d]
-    for r in range(n):
-        t, qo = t0 + r // group, (h0 + r % group) * hd
-        for d in range(hd):
-            out[t, qo + d] = acc_v[r, d]
+            dst[d] = src[d] * w
 
 
 # --- array helpers of the backend interface: host numpy arrays on the CPU -------------------------------
