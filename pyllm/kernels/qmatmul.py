@@ -71,13 +71,6 @@ def _udot(builder, q, xv):
     return builder.mul(builder.zext(q, v), builder.sext(xv, v), flags=["nsw"])
 
 
-def _halves(builder, v):
-    n = v.type.count // 2
-    lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), list(range(n))))
-    hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), list(range(n, 2 * n))))
-    return lo, hi
-
-
 @intrinsic
 def _bf16(typingctx, a, off):
     """float32 from the bfloat16 at a[off]: its bits are the top half of a float32."""
@@ -312,12 +305,24 @@ def _pair_dots(builder, q, xv, vnni):
     return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
 
 
-def _tree_sum(builder, v):
-    """Sum of a float vector's lanes, halving it: a fixed order, and 4 steps instead of 16 for an ordered sum."""
-    while v.type.count > 1:
-        lo, hi = _halves(builder, v)
-        v = builder.fadd(lo, hi)
-    return builder.extract_element(v, ir.Constant(_i32, 0))
+def _row_sums(builder, vecs):
+    """<len(vecs) x float>: the lane sum of each vector, every one by the same halving tree (lane j + lane
+    j + 8, then + 4, + 2, + 1: a fixed order, 4 steps instead of 16 for an ordered sum), whatever their number.
+    Vectors are merged as they halve, so 8 rows cost 24 instructions, not 64."""
+    lanes = vecs[0].type.count  # lanes per row in each vector
+    while len(vecs) > 1 or lanes > 1:
+        half = lanes // 2
+        rows = vecs[0].type.count // lanes
+        if len(vecs) > 1:  # two vectors of r rows -> one of 2r rows (b's lanes follow a's in the shuffle)
+            lo = ir.Constant(_vec(_i32, rows * lanes), [r * lanes + j for r in range(2 * rows) for j in range(half)])
+            hi = ir.Constant(_vec(_i32, rows * lanes), [r * lanes + j + half for r in range(2 * rows) for j in range(half)])
+            vecs = [builder.fadd(builder.shuffle_vector(a, b, lo), builder.shuffle_vector(a, b, hi))
+                    for a, b in zip(vecs[0::2], vecs[1::2])]
+        else:  # one vector: halve each row's lanes in place
+            lo = [r * lanes + j for r in range(rows) for j in range(half)]
+            vecs = [builder.fadd(_pick(builder, vecs[0], lo), _pick(builder, vecs[0], [i + half for i in lo]))]
+        lanes = half
+    return vecs[0]
 
 
 _PORTABLE_IR = False  # tests set it to compile the portable IR on a VNNI machine
@@ -401,7 +406,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
                         mv = b.load(vec_at(m_data, i, v16f), align=4)
                         xmv = b.load(vec_at(xm_ary.data, b.add(b.mul(tg, nm), i), v16f), align=4)
                         b.store(b.call(fma, [mv, xmv, b.load(acc[g])]), acc[g])
-                    b.store(_tree_sum(b, b.load(acc[g])), b.gep(res_data, [tg]))
+                sums = _row_sums(b, [b.load(a) for a in acc])  # <G x float>
+                b.store(sums, vec_at(res_data, t0, sums.type), align=4)
                 b.store(b.add(t0, c64(G)), t)
         return context.get_dummy_value()
 
