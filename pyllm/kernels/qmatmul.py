@@ -156,12 +156,16 @@ def _shl(builder, v, k):
     return builder.shl(v, ir.Constant(v.type, [k] * v.type.count))
 
 
+def _times(builder, v, scale):
+    """Float vector v times the float scalar `scale`."""
+    return builder.fmul(v, _pick(builder, builder.insert_element(ir.Constant(v.type, None), scale, ir.Constant(_i32, 0)),
+                                 [0] * v.type.count))
+
+
 def _floats(builder, ints, scale, signed=False):
     """Integer vector -> float vector times the float scalar `scale`."""
     fv = _vec(_f32t, ints.type.count)
-    f = builder.sitofp(ints, fv) if signed else builder.uitofp(ints, fv)
-    return builder.fmul(f, _pick(builder, builder.insert_element(ir.Constant(fv, None), scale, ir.Constant(_i32, 0)),
-                                 [0] * ints.type.count))
+    return _times(builder, builder.sitofp(ints, fv) if signed else builder.uitofp(ints, fv), scale)
 
 
 def _per_lane(builder, scales, first):
@@ -414,35 +418,49 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
     return types.none(qtype, w, xq, xdv, xm, mrow, res), codegen
 
 
+@intrinsic
+def _quantize_block(typingctx, x, xo, xq, qo, xm, mo, xdv, do):
+    """One block of 32 activations x.flat[xo:xo+32] -> int8 xq.flat[qo:qo+32] with scale d = max|x| / 127,
+    xm.flat[mo], [mo+1] = d * the sum of each 16 of them, xdv.flat[do:do+8] = d.  |x| is compared as integers
+    (the order of floats, NaN the largest: a NaN comes out)."""
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        px, pq, pm, pd = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (0, 2, 4, 6))
+        xo, qo, mo, do = args[1], args[3], args[5], args[7]
+        v32f, v32i = _vec(_f32t, 32), _vec(_i32, 32)
+        v = b.load(b.bitcast(b.gep(px, [xo]), v32f.as_pointer()), align=4)
+        umax = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [v32i]), "llvm.vector.reduce.umax.v32i32")
+        amax = b.bitcast(b.call(umax, [b.and_(b.bitcast(v, v32i), ir.Constant(v32i, [0x7FFFFFFF] * 32))]), _f32t)
+        d = b.fdiv(amax, ir.Constant(_f32t, 127.0))
+        inv = b.select(b.fcmp_ordered(">", amax, ir.Constant(_f32t, 0.0)), b.fdiv(ir.Constant(_f32t, 127.0), amax),
+                       ir.Constant(_f32t, 0.0))
+        rint = cgutils.get_or_insert_function(b.module, ir.FunctionType(v32f, [v32f]), "llvm.rint.v32f32")
+        q = b.fptosi(b.call(rint, [_times(b, v, inv)]), v32i)  # round half to even
+        b.store(b.trunc(q, _vec(_i8, 32)), b.bitcast(b.gep(pq, [qo]), _vec(_i8, 32).as_pointer()), align=1)
+        add = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [_vec(_i32, 16)]), "llvm.vector.reduce.add.v16i32")
+        for h in range(2):
+            s = b.sitofp(b.call(add, [_pick(b, q, list(range(16 * h, 16 * h + 16)))]), _f32t)
+            b.store(b.fmul(d, s), b.gep(pm, [b.add(mo, ir.Constant(_i64, h))]))
+        dv = _pick(b, b.insert_element(ir.Constant(_vec(_f32t, 1), None), d, ir.Constant(_i32, 0)), [0] * 8)
+        b.store(dv, b.bitcast(b.gep(pd, [do]), dv.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(x, xo, xq, qo, xm, mo, xdv, do), codegen
+
+
 @njit(fastmath=_FM, cache=True)
 def _quantize_act(x, xq, xm, xdv):
     # x f32 [T, n] -> int8 blocks of 32 with one scale d each, pair-major (the 8 rows a weight pair meets lie
     # together, at constant offsets): xq i8 [pairs, T, 64]; xdv f32 [pairs, T, 16] = each block's d 8 times;
-    # xm f32 [T, >= n/16] = d * the sum of each 16 values of xq.  Padding is left untouched.
+    # xm f32 [T, nm >= n/16] = d * the sum of each 16 values of xq.  Padding is left untouched.
     T, n = x.shape
-    xi = x.view(np.int32)  # |x| compared as integers: the order of floats (a vectorized max), NaN the largest
-    mi = np.empty(1, np.int32)
-    mf = mi.view(np.float32)
+    nm = xm.shape[1]
     for t in range(T):
         for b in range(n // 32):
-            o = b * 32
-            m = np.int32(0)
-            for j in range(o, o + 32):
-                m = max(m, xi[t, j] & np.int32(0x7FFFFFFF))
-            mi[0] = m
-            amax = mf[0]
-            d = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            p, h32 = b // 2, 32 * (b % 2)
-            for h in range(2):
-                s = np.int32(0)
-                for j in range(16 * h, 16 * h + 16):
-                    q = np.int32(np.rint(x[t, o + j] * inv))
-                    xq[p, t, h32 + j] = q
-                    s += q
-                xm[t, 2 * b + h] = d * np.float32(s)
-            for i in range(8):
-                xdv[p, t, h32 // 4 + i] = d
+            p, h = b // 2, b % 2
+            _quantize_block(x, t * n + 32 * b, xq, (p * T + t) * 64 + 32 * h, xm, t * nm + 2 * b, xdv,
+                            (p * T + t) * 16 + 8 * h)
 
 
 @njit(cache=True)
