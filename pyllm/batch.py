@@ -25,8 +25,9 @@ from .kv_cache import kv_dtype
 from .sampling import Sampler
 
 # Decoding steps compute every row exactly as for a lone sequence, whatever the batch size.  The int8 kernel
-# dots each weight block with up to 8 activation rows at once, so 8 is where a step is cheapest per token:
-# smollm2-135m, 64 prompts x 64 tokens: 8 sequences 2.1x the aggregate decode speed of 1, outputs identical.
+# unpacks each 64 weights once for up to 8 activation rows, so 8 is where a step is cheapest per token (16 runs
+# as two groups of 8: no cheaper per token).  smollm2-135m, 64 prompts x 64 tokens (bench/bench_batch.py):
+# 8 sequences 3.5x the aggregate decode speed of 1, outputs identical.
 MAX_DEFAULT_PARALLEL = 8
 
 
