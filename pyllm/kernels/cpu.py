@@ -99,30 +99,34 @@ def rope(x, pos, n_heads, head_dim, rope_dim, base, pos_scale, freq_factors, neo
         _rope_row(x, t, cos, sin, n_heads, head_dim, half, neox)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def silu_mul(gate, up):
     """gate <- silu(gate) * up (SwiGLU).  gate, up: [T, n_ff]."""
+    _glu_mul(gate, up, False)
+
+
+def gelu_mul(gate, up):
+    """gate <- gelu_tanh(gate) * up (GeGLU, Gemma).  gate, up: [T, n_ff]."""
+    _glu_mul(gate, up, True)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _glu_mul(gate, up, gelu):
     n = gate.shape[1]
     nb = 1 if gate.size < _GLU_SERIAL else _num_threads()  # column blocks: one per thread, as the matmuls split
     w = (n + nb * _LANES - 1) // (nb * _LANES) * _LANES
-    if nb == 1:
-        _silu_cols(gate, up, 0, n)
+    if nb == 1:  # no parallel region at all (it would cost more than it saves)
+        _glu_cols(gate, up, 0, n, gelu)
     else:
         for b in prange(nb):
-            _silu_cols(gate, up, min(n, b * w), min(n, (b + 1) * w))
+            _glu_cols(gate, up, min(n, b * w), min(n, (b + 1) * w), gelu)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def gelu_mul(gate, up):
-    """gate <- gelu_tanh(gate) * up (GeGLU, Gemma).  gate, up: [T, n_ff]."""
-    n = gate.shape[1]
-    nb = 1 if gate.size < _GLU_SERIAL else _num_threads()
-    w = (n + nb * _LANES - 1) // (nb * _LANES) * _LANES
-    if nb == 1:
-        _gelu_cols(gate, up, 0, n)
+@njit(cache=True, fastmath=FASTMATH)
+def _glu_cols(gate, up, c0, c1, gelu):
+    if gelu:
+        _gelu_cols(gate, up, c0, c1)
     else:
-        for b in prange(nb):
-            _gelu_cols(gate, up, min(n, b * w), min(n, (b + 1) * w))
+        _silu_cols(gate, up, c0, c1)
 
 
 # --- rope, silu_mul, gelu_mul: their vector IR ---------------------------------------------------------
