@@ -220,24 +220,14 @@ def _k16(v):
 
 
 def _exp16_neg(builder, x):
-    """exp of each lane of x <= 0 over the whole range: _exp16's Cephes expf (~1 ulp) down to -87.3, then
+    """exp of each lane of x <= 0 over the whole range: _exp16's polynomial (~1 ulp) down to -87.3, then
     denormals (2^n applied in two halves: one rounding) and 0 below -103.9.  Lanes below -104, and NaN lanes,
     compute exp(-104): no poison from a NaN's conversion to integer."""
-    x = builder.select(builder.fcmp_ordered(">=", x, _k16(-104.0)), x, _k16(-104.0))
-    floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vf, [_vf]), "llvm.floor.v16f32")
-    n = builder.call(floor, [_fma(builder, x, _k16(1.44269504088896341), _k16(0.5))])  # -150 <= n <= 0
-    r = _fma(builder, n, _k16(2.12194440e-4), _fma(builder, n, _k16(-0.693359375), x))
-    p = _k16(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = _fma(builder, p, r, _k16(c))
-    y = builder.fadd(_fma(builder, builder.fmul(p, r, flags=_EXACT), r, r), _k16(1.0), flags=_EXACT)  # 0.70..1.42
-    ni = builder.fptosi(n, ir.VectorType(_i32t, _LANES))
+    y, n = _exp_parts(builder, builder.select(builder.fcmp_ordered(">=", x, _k16(-104.0)), x, _k16(-104.0)))
+    ni = builder.fptosi(n, ir.VectorType(_i32t, _LANES))  # -150 <= n <= 0
     n1 = builder.ashr(ni, _lanes_of(_i32t, [1] * _LANES))  # n = n1 + n2, both >= -75: normal powers of two
-
-    def pow2(m):
-        m = builder.add(m, _lanes_of(_i32t, [127] * _LANES))
-        return builder.bitcast(builder.shl(m, _lanes_of(_i32t, [23] * _LANES)), _vf)
-    return builder.fmul(builder.fmul(y, pow2(n1), flags=_EXACT), pow2(builder.sub(ni, n1)), flags=_EXACT)
+    return builder.fmul(builder.fmul(y, _pow2(builder, n1), flags=_EXACT), _pow2(builder, builder.sub(ni, n1)),
+                        flags=_EXACT)
 
 
 def _sigmoid16(builder, z):
@@ -622,23 +612,29 @@ def _qk2(typingctx, q, qa, qb, kb, k0, scale, s, sa, sb):
     return types.none(q, qa, qb, kb, k0, scale, s, sa, sb), codegen
 
 
-def _exp16(builder, x):
-    """exp of each lane of x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, ~1 ulp; below -87
-    it flushes to ~1e-38), the same operations in every lane."""
-    def k(v):
-        return ir.Constant(_vf, [v] * _LANES)
-    x = builder.select(builder.fcmp_ordered("<", x, k(-87.0)), k(-87.0), x)
+def _exp_parts(builder, x):
+    """Cephes expf of each lane of x (float32 vector): n = round(x / ln 2) and y = exp(x - n ln 2) in 0.70..1.42
+    (range reduction by ln 2 in two parts, degree-5 polynomial; exp(x) = y * 2^n within ~1 ulp)."""
     floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vf, [_vf]), "llvm.floor.v16f32")
-    n = builder.call(floor, [_fma(builder, x, k(1.44269504088896341), k(0.5))])
-    r = _fma(builder, n, k(2.12194440e-4), _fma(builder, n, k(-0.693359375), x))
-    p = k(1.9875691500e-4)
+    n = builder.call(floor, [_fma(builder, x, _k16(1.44269504088896341), _k16(0.5))])
+    r = _fma(builder, n, _k16(2.12194440e-4), _fma(builder, n, _k16(-0.693359375), x))
+    p = _k16(1.9875691500e-4)
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = _fma(builder, p, r, k(c))
-    y = builder.fadd(_fma(builder, builder.fmul(p, r), r, r), k(1.0))
-    vi = ir.VectorType(_i32t, _LANES)
-    e = builder.shl(builder.add(builder.fptosi(n, vi), _lanes_of(_i32t, [127] * _LANES)),
-                    _lanes_of(_i32t, [23] * _LANES))
-    return builder.fmul(y, builder.bitcast(e, _vf))
+        p = _fma(builder, p, r, _k16(c))
+    return builder.fadd(_fma(builder, builder.fmul(p, r, flags=_EXACT), r, r), _k16(1.0), flags=_EXACT), n
+
+
+def _pow2(builder, m):
+    """2.0 ** m of each lane of an int32 vector, -126 <= m <= 127 (the exponent field written directly)."""
+    m = builder.add(m, _lanes_of(_i32t, [127] * _LANES))
+    return builder.bitcast(builder.shl(m, _lanes_of(_i32t, [23] * _LANES)), _vf)
+
+
+def _exp16(builder, x):
+    """exp of each lane of x <= 0 for softmax: below -87 it gives exp(-87) ~ 1.6e-38, never a denormal (slow on
+    x86), the same operations in every lane."""
+    y, n = _exp_parts(builder, builder.select(builder.fcmp_ordered("<", x, _k16(-87.0)), _k16(-87.0), x))
+    return builder.fmul(y, _pow2(builder, builder.fptosi(n, ir.VectorType(_i32t, _LANES))))
 
 
 @intrinsic

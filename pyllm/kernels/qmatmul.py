@@ -15,8 +15,8 @@ that a row's result never depends on how many rows share the call:
 numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
 after unrolling the 16-32 wide inner loop, vectorizes across blocks with byte gathers), so the block dots are
 written as LLVM vector IR through numba intrinsics: generic IR that LLVM lowers to the host's best
-instructions, plus the VNNI instruction itself where numba compiles for a CPU that has it. A few jitted entry
-points serve every type, dispatching on qtype inside numba, so a model pays the cache load once, not per type.
+instructions, plus the VNNI instruction itself where numba compiles for a CPU that has it. Each kernel is
+compiled per quant type (_for_type), so a model compiles and loads only the types it has.
 Speed per type and shape: bench/bench_qmatmul.py.
 """
 
@@ -235,12 +235,12 @@ def _unit_q4_k(r, o, qtype):
     scales = _floats(b, sc, r.f16(o, 0))  # <8 x float>, one per 32 values
     mins = _floats(b, mn, b.fneg(r.f16(o, 2)))
     qs_off = 48 if qtype == Q5_K else 16
+    qh = r.bytes(o, 16, 32) if qtype == Q5_K else None
     pairs = []
     for p in range(4):
         v = r.bytes(o, qs_off + 32 * p, 32)
         lo, hi = _bits(b, v, 0, 15), _bits(b, v, 4, 15)
-        if qtype == Q5_K:
-            qh = r.bytes(o, 16, 32)
+        if qh is not None:
             lo = b.or_(lo, _shl(b, _bits(b, qh, 2 * p, 1), 4))
             hi = b.or_(hi, _shl(b, _bits(b, qh, 2 * p + 1, 1), 4))
         pairs.append((_cat(b, lo, hi), _pick(b, scales, [2 * p] * 8 + [2 * p + 1] * 8)))
