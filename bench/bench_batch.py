@@ -4,8 +4,9 @@
 
 Prompts are ~30 tokens of distinct raw text, greedy, 64 new tokens each (issue 7's measurement). The settings
 alternate (1, 8, 1, 8, ...) so a noisy neighbour slows both alike; each prints the aggregate decode speed as
-the `pyllm batch` summary does (tokens from decode steps / time in decode steps), the wall time, and whether
-every greedy output equals the --parallel 1 output.
+the `pyllm batch` summary does (tokens from decode steps / time in decode steps), the time in prefills (prompts
+that join together share one pass), the wall time, and whether every greedy output equals the --parallel 1
+output.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def run(model, prompts: list[list[int]], n_parallel: int, max_tokens: int):
     t0 = time.perf_counter()
     results = {r.id: r.tokens for r in engine.run(lambda block: next(it, None))}
     wall = time.perf_counter() - t0
-    return engine.n_decoded / engine.decode_s, wall, [results[i] for i in range(len(prompts))]
+    return engine.n_decoded / engine.decode_s, engine.prefill_s, wall, [results[i] for i in range(len(prompts))]
 
 
 def main() -> int:
@@ -61,23 +62,28 @@ def main() -> int:
     run(model, prompts[:2], max(settings), 4)  # kernels loaded, caches warm
     speeds: dict[int, list[float]] = {p: [] for p in settings}
     walls: dict[int, list[float]] = {p: [] for p in settings}
+    prefills: dict[int, list[float]] = {p: [] for p in settings}
     outputs: dict[int, list] = {}
     for rep in range(args.repeats):
         for p in settings:
-            tps, wall, out = run(model, prompts, p, args.max_tokens)
+            tps, prefill_s, wall, out = run(model, prompts, p, args.max_tokens)
             speeds[p].append(tps)
             walls[p].append(wall)
+            prefills[p].append(prefill_s)
             outputs.setdefault(p, out)
             same = "identical" if out == outputs[settings[0]] else "DIFFERENT"
-            print(f"  run {rep + 1} --parallel {p}: decode {tps:.1f} tok/s aggregate, wall {wall:.1f} s, "
+            print(f"  run {rep + 1} --parallel {p}: decode {tps:.1f} tok/s aggregate, prefill {prefill_s:.1f} s, "
+                  f"wall {wall:.1f} s, "
                   f"outputs {same} to --parallel {settings[0]}", file=sys.stderr)
     base = statistics.median(speeds[settings[0]])
-    print("| --parallel | decode tok/s (median) | vs --parallel %d | wall s | greedy outputs |" % settings[0])
-    print("|---|---|---|---|---|")
+    print("| --parallel | decode tok/s (median) | vs --parallel %d | prefill s | wall s | greedy outputs |"
+          % settings[0])
+    print("|---|---|---|---|---|---|")
     for p in settings:
         tps = statistics.median(speeds[p])
         same = sum(a == b for a, b in zip(outputs[p], outputs[settings[0]]))
-        print(f"| {p} | {tps:.1f} | {tps / base:.2f}x | {statistics.median(walls[p]):.1f} | "
+        print(f"| {p} | {tps:.1f} | {tps / base:.2f}x | {statistics.median(prefills[p]):.1f} | "
+              f"{statistics.median(walls[p]):.1f} | "
               f"{same}/{len(prompts)} identical |")
     return 0
 

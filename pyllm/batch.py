@@ -2,9 +2,11 @@
 
 As llama.cpp's parallel slots: every step is one forward pass over the next token of each running sequence,
 so each weight read serves all of them; a sequence that finishes frees its slot at once and the next waiting
-prompt is prefilled into it (alone, between two decode steps: simple, and a prompt's prefill is then the same
-computation as when it runs by itself).  Each sequence has its own sampler (and seed), stop strings and token
-budget, so its output depends on its request only, not on what else is in the batch.
+prompt is prefilled into it between two decode steps.  Prompts that join at the same time are prefilled in one
+forward pass (the prefill path computes a token the same way whatever shares its chunk), and apart from the
+decode steps, so a prompt's prefill is the same computation as when it runs by itself.  Each sequence has its
+own sampler (and seed), stop strings and token budget, so its output depends on its request only, not on what
+else is in the batch.
 
 A slot keeps the tokens of the prompt it last ran: a new prompt that begins the same way (the same system
 prompt) goes to the free slot sharing most of it and prefills only the rest.
@@ -20,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import PyllmError
-from .generate import Stats, TextStream, prefill
+from .generate import Stats, TextStream, plan_prefill
 from .kv_cache import kv_dtype
 from .sampling import Sampler
 
@@ -104,28 +106,43 @@ class ContinuousBatch:
     def n_free(self) -> int:
         return self.cache.n_slots - len(self.running)
 
-    def add(self, request: Request) -> Result | None:
-        """Prefill a request into the free slot that shares most of its prompt.  Returns its Result when it is
-        over already (it cannot run, or it ends on its first token), else None: it runs in the next steps."""
+    def add(self, requests: list[Request]) -> list[Result]:
+        """Prefill requests (at most n_free) together, each into the free slot that shares most of its prompt.
+        Returns the Results of those over already (they cannot run, or end on their first token); the others
+        run in the next steps."""
         free = [s for s in range(self.cache.n_slots) if s not in self.running]
-        slot = max(free, key=lambda s: self.cache.common_prefix(request.prompt, s))
-        seq = _Sequence(self.model, self.cache, request, slot)
-        try:
-            logits = prefill(self.model, self.cache, request.prompt, request.sampler, slot=slot,
-                             stats=seq.result.stats)
-        except PyllmError as e:  # an empty or over-long prompt: that request fails, the others go on
-            seq.result.error, seq.result.stats.finish_reason = str(e), "error"
-            return seq.result
-        self.n_prefill += seq.result.stats.n_prefill
-        self.prefill_s += seq.result.stats.prefill_s
-        seq.t0 = time.perf_counter()
-        if request.max_tokens <= 0:
-            seq._end("length")
-            return seq.result
-        if seq.take(logits):
-            return seq.result
-        self.running[slot] = seq
-        return None
+        over, joining, todo = [], [], []
+        for request in requests:
+            slot = max(free, key=lambda s: self.cache.common_prefix(request.prompt, s))
+            seq = _Sequence(self.model, self.cache, request, slot)
+            try:
+                todo.append((slot, plan_prefill(self.model, self.cache, request.prompt, request.sampler, slot,
+                                                seq.result.stats)))
+            except PyllmError as e:  # an empty or over-long prompt: that request fails, the others go on
+                seq.result.error, seq.result.stats.finish_reason = str(e), "error"
+                over.append(seq.result)
+                continue
+            free.remove(slot)
+            joining.append(seq)
+        if not joining:
+            return over
+        t0 = time.perf_counter()
+        logits = self.model.eval_many(self.cache, todo)  # [n_vocab] per joining sequence
+        spent = time.perf_counter() - t0
+        n_prefill = sum(len(tokens) for _, tokens in todo)
+        self.n_prefill += n_prefill
+        self.prefill_s += spent
+        for seq, row in zip(joining, logits):
+            stats = seq.result.stats
+            stats.prefill_s = spent * stats.n_prefill / n_prefill  # its share of the joint prefill
+            seq.t0 = time.perf_counter()
+            if seq.request.max_tokens <= 0:
+                seq._end("length")
+            elif not seq.take(row):
+                self.running[seq.slot] = seq
+                continue
+            over.append(seq.result)
+        return over
 
     def step(self) -> list[Result]:
         """One forward pass over every running sequence's last token; returns the sequences that ended."""
@@ -149,15 +166,20 @@ class ContinuousBatch:
         """
         more = True
         while more or self.running:
-            while more and self.n_free:
-                try:
-                    request = take(not self.running)
-                except queue.Empty:
+            while more and self.n_free:  # fill the free slots (a prompt that ends on its prefill frees its own)
+                joining = []
+                while more and len(joining) < self.n_free:
+                    try:
+                        request = take(not self.running and not joining)
+                    except queue.Empty:
+                        break
+                    if request is None:
+                        more = False
+                    else:
+                        joining.append(request)
+                if not joining:
                     break
-                if request is None:
-                    more = False
-                elif (result := self.add(request)) is not None:
-                    yield result
+                yield from self.add(joining)
             if self.running:
                 yield from self.step()
 

@@ -39,6 +39,16 @@ def prefill(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, slot:
     evaluated, because its logits pick the first new token.
     """
     stats = stats if stats is not None else Stats()
+    todo = plan_prefill(model, cache, prompt, sampler, slot, stats)
+    t0 = time.perf_counter()
+    logits = model.eval(cache, todo, slot=slot)
+    stats.prefill_s = time.perf_counter() - t0
+    return logits
+
+
+def plan_prefill(model, cache: KVCache, prompt: list[int], sampler: Sampler, slot: int, stats: Stats) -> list[int]:
+    """Check that `prompt` can run in the slot, keep the slot's common prefix with it, and return the tokens
+    left to evaluate (see prefill)."""
     if not prompt:
         raise ContextError("the prompt is empty")
     if len(prompt) >= cache.n_ctx:
@@ -48,10 +58,7 @@ def prefill(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, slot:
     cache.trim(reuse, slot)
     stats.n_reused, stats.n_prefill = reuse, len(prompt) - reuse
     sampler.accept_prompt(prompt)
-    t0 = time.perf_counter()
-    logits = model.eval(cache, prompt[reuse:], slot=slot)
-    stats.prefill_s = time.perf_counter() - t0
-    return logits
+    return prompt[reuse:]
 
 
 def generate(model, cache: KVCache, prompt: list[int], sampler: Sampler, *, max_tokens: int = 256,

@@ -72,28 +72,41 @@ class Model:
              n_batch: int = DEFAULT_BATCH) -> np.ndarray:
         """Prompt processing: append `tokens` to a cache slot, in chunks of n_batch.  Returns the logits after
         the last token ([n_vocab]) or after every token ([len(tokens), n_vocab])."""
-        start = len(cache.tokens[slot])
-        if start + len(tokens) > cache.n_ctx:
-            raise ContextError(f"{start + len(tokens)} tokens do not fit in the context of {cache.n_ctx} "
-                               f"(raise --ctx-size, up to the model's {self.config.ctx_train})")
-        if not tokens:
-            raise ValueError("eval needs at least one token")
+        return self.eval_many(cache, [(slot, tokens)], all_logits, n_batch)[0]
+
+    def eval_many(self, cache: KVCache, seqs: list[tuple[int, list[int]]], all_logits: bool = False,
+                  n_batch: int = DEFAULT_BATCH) -> list[np.ndarray]:
+        """Prompt processing for several slots at once: (slot, tokens) appends tokens to that slot.  Their
+        tokens go through the forward pass together, n_batch at a time, so prompts that start together share
+        each weight read; the prefill path computes a token the same way whatever else is in its chunk.
+        Returns, per sequence, the logits after its last token ([n_vocab]) or after each ([len, n_vocab])."""
+        if len({s for s, _ in seqs}) != len(seqs):
+            raise ValueError("eval_many takes each slot once")
+        for slot, tokens in seqs:
+            start = len(cache.tokens[slot])
+            if start + len(tokens) > cache.n_ctx:
+                raise ContextError(f"{start + len(tokens)} tokens do not fit in the context of {cache.n_ctx} "
+                                   f"(raise --ctx-size, up to the model's {self.config.ctx_train})")
+            if not tokens:
+                raise ValueError("eval needs at least one token")
+        tok = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in seqs])  # [N] every sequence's tokens
+        slot_of = np.concatenate([np.full(len(t), s, dtype=np.int64) for s, t in seqs])  # [N]
+        pos = np.concatenate([np.arange(len(t), dtype=np.int64) + len(cache.tokens[s]) for s, t in seqs])  # [N]
+        ends = np.cumsum([len(t) for _, t in seqs])  # [n_seqs] one past each sequence's last token
+        wanted = np.ones(len(tok), bool) if all_logits else np.isin(np.arange(len(tok)), ends - 1)  # [N]
         pieces = []
-        for i in range(0, len(tokens), n_batch):
-            chunk = np.asarray(tokens[i:i + n_batch], dtype=np.int64)  # [T]
-            T = len(chunk)
-            pos = np.arange(start + i, start + i + T, dtype=np.int64)  # [T]
-            slots = np.full(T, slot, dtype=np.int64)  # [T]
-            last = i + T >= len(tokens)
-            if not all_logits and not last:
-                rows = np.empty(0, dtype=np.int64)
-            else:
-                rows = np.arange(T) if all_logits else np.array([T - 1])
-            logits = self.transformer.forward(chunk, pos, slots, cache, rows)
-            cache.tokens[slot].extend(int(t) for t in chunk)
+        for i in range(0, len(tok), n_batch):
+            chunk = slice(i, i + n_batch)
+            rows = np.flatnonzero(wanted[chunk])  # indices into the chunk whose logits are kept
+            logits = self.transformer.forward(tok[chunk], pos[chunk], slot_of[chunk], cache, rows)
+            for s, t in zip(slot_of[chunk], tok[chunk]):
+                cache.tokens[s].append(int(t))
             if len(rows):
                 pieces.append(logits)
-        return np.concatenate(pieces) if all_logits else pieces[-1][0]
+        logits = np.concatenate(pieces)  # [wanted rows, n_vocab], in sequence order
+        if all_logits:
+            return np.split(logits, ends[:-1])
+        return list(logits)
 
     def decode(self, cache: KVCache, slots: list[int], tokens: list[int]) -> np.ndarray:
         """One decoding step for one or several sequences: token i is appended to slot slots[i].

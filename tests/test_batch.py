@@ -70,6 +70,21 @@ def test_sequences_leave_and_join_at_every_step(tiny):
     assert batch.running == {} and batch.n_decoded == 11 + 1 + 11 + 2
 
 
+def test_prompts_that_join_together_share_one_prefill_pass(tiny, monkeypatch):
+    """Four prompts start in four free slots: one forward pass prefills them all (then one per decode step)."""
+    calls = []
+    forward = tiny.transformer.forward
+    monkeypatch.setattr(tiny.transformer, "forward", lambda *a, **k: calls.append(k.get("decode", False))
+                        or forward(*a, **k))
+    ps = prompts(tiny, 4)
+    results = list(generate_batch(tiny, [Request(p, max_tokens=3, id=i) for i, p in enumerate(ps)], n_parallel=4,
+                                  n_ctx=256))
+    assert calls == [False, True, True]
+    for r in results:
+        assert r.tokens == alone(tiny, ps[r.id], 3)[0]
+        assert r.stats.n_prefill == len(ps[r.id]) and r.stats.prefill_s > 0
+
+
 def test_shared_prefix_is_not_prefilled_again(tiny):
     system = tiny.tokenize("you are a cat that sat on a mat while two dogs ran")
     requests = [Request(system + tiny.tokenize(f" {w}", add_special=False), max_tokens=2, id=w)

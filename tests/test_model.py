@@ -39,6 +39,27 @@ def test_chunked_prefill_equals_single_chunk(tiny):
     np.testing.assert_allclose(one, chunked, rtol=1e-4, atol=1e-4)
 
 
+def test_prompts_of_several_slots_prefilled_together_equal_each_alone(tiny):
+    """eval_many runs the tokens of several slots through one forward pass (chunks cross from one sequence to
+    the next); each sequence's logits are bit-identical to its prefill alone, and the slots hold what it did."""
+    rng = np.random.default_rng(3)
+    held = [9, 4, 2]  # slot 1 already holds these; its new token follows them
+    seqs = [(2, list(rng.integers(0, tiny.config.n_vocab, size=7))),
+            (0, list(rng.integers(0, tiny.config.n_vocab, size=12))), (1, [5])]
+    for n_batch in (256, 8):
+        cache = tiny.new_cache(32, n_slots=3)
+        tiny.eval(cache, held, slot=1)
+        together = tiny.eval_many(cache, seqs, n_batch=n_batch)
+        for (slot, ids), logits in zip(seqs, together):
+            alone = tiny.new_cache(32, n_slots=3)
+            if slot == 1:
+                tiny.eval(alone, held, slot=1)
+            assert np.array_equal(logits, tiny.eval(alone, ids, slot=slot)), f"slot {slot}, n_batch {n_batch}"
+            assert cache.tokens[slot] == alone.tokens[slot]
+    with pytest.raises(ValueError, match="once"):
+        tiny.eval_many(tiny.new_cache(32, n_slots=2), [(0, [1]), (0, [2])])
+
+
 def test_f16_kv_close_to_f32(tiny):
     ids = list(range(5, 17))
     a = tiny.eval(tiny.new_cache(16, kv_type="f32"), ids)
