@@ -121,16 +121,19 @@ def _f16(typingctx, a, off):
 #
 # Every type is read as "units" of whole blocks: a pair of legacy 32-value blocks, or one K-quant super-block
 # of 256.  A unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand) and the
-# weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus one float per 16 values
-# that multiplies their activation sum: a min (Q4_1, K-quants), or -offset * scale for types stored as
-# q - offset (Q8_0's signed bytes are read as q = w + 128 by flipping the top bit).  Offsets of each field
-# inside a block follow ggml-common.h.
+# weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus, for types with a min
+# (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), one float per 16 values that multiplies their activation sum.  Types stored
+# as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by flipping the top bit) need no such
+# term: the integer dot starts from -offset * the activations' lane sums, so it is sum((q - offset) * x)
+# exactly.  Offsets of each field inside a block follow ggml-common.h.
 
 # Legacy 32-value blocks: (block bytes, offset of the 32-bit high-bit word or -1, offset of the quants,
 # offset of the fp16 min or -1, constant offset of the unsigned values: value = d * (q - offset) [+ m]).
 _BLOCK32 = {Q8_0: (34, -1, 2, -1, 128), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1, 4, 2, 0),
             Q5_0: (22, 2, 6, -1, 16), Q5_1: (24, 4, 8, 2, 0)}
 _KQUANT_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 values
+# the types whose values are scale * (q - offset), q unsigned as unpacked
+_OFFSETS = {**{t: v[4] for t, v in _BLOCK32.items() if v[4]}, Q6_K: 32, Q3_K: 4}
 
 # Activation rows that share one unpacked unit, largest first: T=13 runs as 8 + 4 + 1.
 _GROUPS = (8, 4, 2, 1)
@@ -219,9 +222,7 @@ def _unit_block32(r, o, qtype, tail):
                             words[1], ir.Constant(_i32, 1))
     dm = b.fpext(b.bitcast(both, _vec(ir.HalfType(), 2 * k)), _vec(_f32t, 2 * k))
     dvec = _pick(b, dm, [0] * 8 + [k] * 8)
-    if m_off >= 0:
-        return [(q, dvec)], _pick(b, dm, [1, 1, 3, 3])
-    return [(q, dvec)], b.fmul(_pick(b, dm, [0, 0, 1, 1]), ir.Constant(_vec(_f32t, 4), [-float(offset)] * 4))
+    return [(q, dvec)], (_pick(b, dm, [1, 1, 3, 3]) if m_off >= 0 else None)
 
 
 def _unit_q4_k(r, o, qtype):
@@ -259,7 +260,7 @@ def _unit_q6_k(r, o, qtype):
             hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
             q = b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4))
             pairs.append((q, _per_lane(b, scales, 8 * n + 4 * jj)))
-    return pairs, b.fmul(scales, ir.Constant(_vec(_f32t, 16), [-32.0] * 16))
+    return pairs, None
 
 
 def _unit_q3_k(r, o, qtype):
@@ -280,7 +281,7 @@ def _unit_q3_k(r, o, qtype):
         lo = _cat(b, _bits(b, qs, 2 * j, 3), _bits(b, qs, 2 * j + 2, 3))
         hb = _cat(b, _bits(b, hm, 4 * n + j, 1), _bits(b, hm, 4 * n + j + 1, 1))
         pairs.append((b.or_(lo, _shl(b, hb, 2)), _per_lane(b, scales, 4 * p)))
-    return pairs, b.fmul(scales, ir.Constant(_vec(_f32t, 16), [-4.0] * 16))
+    return pairs, None
 
 
 def _unit_q2_k(r, o, qtype):
@@ -301,16 +302,21 @@ def _unit_q2_k(r, o, qtype):
 _KQUANT_UNITS = {Q2_K: _unit_q2_k, Q3_K: _unit_q3_k, Q4_K: _unit_q4_k, Q5_K: _unit_q4_k, Q6_K: _unit_q6_k}
 
 
-def _pair_dots(builder, q, xv, vnni):
-    """<16 x i32> partial sums of 64 unsigned x signed byte products: lane i sums values 4i..4i+3 (vpdpbusd;
-    the portable IR sums other values of the same 16 in each lane, the same totals per 16)."""
+def _lane_values(i, vnni):
+    """The 4 of 64 values whose products lane i of _pair_dots sums (one 16 and one 32-value block either way)."""
+    return [4 * i + k for k in range(4)] if vnni else [16 * (i // 4) + 4 * k + i % 4 for k in range(4)]
+
+
+def _pair_dots(builder, q, xv, vnni, start):
+    """<16 x i32> start + partial sums of 64 unsigned x signed byte products, lane i summing the values
+    _lane_values(i) (vpdpbusd's lanes; the portable IR's differ, with the same totals per 16)."""
     v16i = _vec(_i32, 16)
     if vnni:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [ir.Constant(v16i, None), builder.bitcast(q, v16i), builder.bitcast(xv, v16i)])
+        return builder.call(fn, [start, builder.bitcast(q, v16i), builder.bitcast(xv, v16i)])
     prod = _udot(builder, q, xv)  # portable: LLVM picks the instructions
-    parts = [_pick(builder, prod, [16 * (i // 4) + 4 * k + i % 4 for i in range(16)]) for k in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+    parts = [_pick(builder, prod, [_lane_values(i, False)[k] for i in range(16)]) for k in range(4)]
+    return builder.add(builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])), start)
 
 
 def _row_sums(builder, vecs):
@@ -343,26 +349,28 @@ def _use_vnni(context):
 
 
 @intrinsic(prefer_literal=True)
-def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
+def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, mrow, res):
     """res[t] = dot of one weight row of a quantized type with activation row t.
 
     w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); xdv f32 [pairs, T, 16] (each
-    32 values' scale 8 times); xm f32 [T, nm] (scale * sum of each 16 values, zero past them; nm a multiple of
-    16, >= 4 * pairs); mrow f32 [nm] zeroed scratch; res f32 [T].  (_act_buffers makes them.)
+    32 values' scale 8 times); xs i32 [pairs, T, 16] (-offset * the sum of the values of each lane, for the
+    type's _OFFSETS); xm f32 [T, nm] (scale * sum of each 16 values, zero past them; nm a multiple of 16,
+    >= 4 * pairs); mrow f32 [nm] zeroed scratch; res f32 [T].  (_act_buffers makes them, _quantize_act fills
+    them.)
 
     Per 64 values the weights are unpacked once for a group of up to 8 activation rows, and each row costs
-    one integer dot (vpdpbusd), a convert, a multiply and an FMA into its own vector of 16 float partial sums:
-    no horizontal sum per block (llama.cpp's layout).  The terms that need activation sums (mins, offsets)
-    are collected in mrow and dotted with xm once per row, 16 at a time.  Every row gets the same
+    one integer dot (vpdpbusd, starting from xs: the offsets), a convert, a multiply and an FMA into its own
+    vector of 16 float partial sums: no horizontal sum per block (llama.cpp's layout).  Types with mins
+    collect them in mrow and dot it with xm once per row, 16 at a time.  Every row gets the same
     instructions in whichever group it falls, and no fast-math flags: res[t] does not depend on T.
     """
     if not isinstance(qtype, types.IntegerLiteral) or qtype.literal_value not in (*_BLOCK32, *_KQUANT_BYTES):
         return None
 
     def codegen(context, builder, sig, args):
-        _, w, xq, xdv, xm, mrow, res = args
+        _, w, xq, xdv, xs, xm, mrow, res = args
         kind = sig.args[0].literal_value
-        legacy = kind in _BLOCK32
+        legacy, has_mins = kind in _BLOCK32, kind not in _OFFSETS
         unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
         vnni = _use_vnni(context)
         b = builder
@@ -376,10 +384,12 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
         xq_ary = context.make_array(sig.args[2])(context, b, xq)
         T = cgutils.unpack_tuple(b, xq_ary.shape)[1]
         xdv_ary = context.make_array(sig.args[3])(context, b, xdv)
-        xm_ary = context.make_array(sig.args[4])(context, b, xm)
+        xs_data = context.make_array(sig.args[4])(context, b, xs).data
+        xm_ary = context.make_array(sig.args[5])(context, b, xm)
         nm = cgutils.unpack_tuple(b, xm_ary.shape)[1]
-        m_data = context.make_array(sig.args[5])(context, b, mrow).data
-        res_data = context.make_array(sig.args[6])(context, b, res).data
+        m_data = context.make_array(sig.args[6])(context, b, mrow).data
+        res_data = context.make_array(sig.args[7])(context, b, res).data
+        v16i = _vec(_i32, 16)
 
         def vec_at(data, index, ty):
             return b.bitcast(b.gep(data, [index]), ty.as_pointer())
@@ -393,14 +403,17 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
                 b.call(prefetch, [b.gep(row.data, [b.add(o, c64(_PREFETCH_BYTES + k))]), ir.Constant(_i32, 0),
                                   ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
             pairs, mins = (_unit_block32(row, o, kind, tail) if legacy else _KQUANT_UNITS[kind](row, o, kind))
-            b.store(mins, vec_at(m_data, b.mul(u, c64(unit_values // 16)), mins.type), align=4)
+            if has_mins:
+                b.store(mins, vec_at(m_data, b.mul(u, c64(unit_values // 16)), mins.type), align=4)
             for i, (q, dv) in enumerate(pairs):
                 p = b.add(b.mul(u, c64(unit_values // 64)), c64(i))  # these 64 values: pair p of the activations
                 for g, tg in enumerate(rows):
-                    k = b.add(b.mul(p, T), tg)  # [pair, row] of xq and xdv
+                    k = b.add(b.mul(p, T), tg)  # [pair, row] of xq, xdv and xs
                     xv = _load_ptr(b, xq_ary.data, b.mul(k, c64(64)), 64)
                     sv = b.load(vec_at(xdv_ary.data, b.mul(k, c64(16)), v16f), align=4)
-                    dots = b.sitofp(_pair_dots(b, q, xv, vnni), v16f)
+                    start = (b.load(vec_at(xs_data, b.mul(k, c64(16)), v16i), align=4) if not has_mins
+                             else ir.Constant(v16i, None))
+                    dots = b.sitofp(_pair_dots(b, q, xv, vnni, start), v16f)
                     b.store(b.call(fma, [dots, b.fmul(dv, sv), b.load(acc[g])]), acc[g])
 
         t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
@@ -414,7 +427,7 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
                 if legacy:  # an odd block count ends on a half pair
                     with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
                         unit(n_units, rows, acc, tail=True)
-                for g, tg in enumerate(rows):
+                for g, tg in enumerate(rows if has_mins else []):
                     with cgutils.for_range(b, b.udiv(nm, c64(16))) as loop:
                         i = b.mul(loop.index, c64(16))
                         mv = b.load(vec_at(m_data, i, v16f), align=4)
@@ -425,19 +438,29 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xm, mrow, res):
                 b.store(b.add(t0, c64(G)), t)
         return context.get_dummy_value()
 
-    return types.none(qtype, w, xq, xdv, xm, mrow, res), codegen
+    return types.none(qtype, w, xq, xdv, xs, xm, mrow, res), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _type_offset(typingctx, qtype):
+    """The constant offset of a quant type's unsigned values (_OFFSETS), 0 for the others."""
+    if not isinstance(qtype, types.IntegerLiteral):
+        return None
+    offset = _OFFSETS.get(qtype.literal_value, 0)
+    return types.int32(qtype), lambda context, builder, sig, args: ir.Constant(_i32, offset)
 
 
 @intrinsic
-def _quantize_block(typingctx, x, xo, xq, qo, xm, mo, xdv, do):
+def _quantize_block(typingctx, x, xo, xq, qo, xm, mo, xdv, do, xs, offset):
     """One block of 32 activations x.flat[xo:xo+32] -> int8 xq.flat[qo:qo+32] with scale d = max|x| / 127,
-    xm.flat[mo], [mo+1] = d * the sum of each 16 of them, xdv.flat[do:do+8] = d.  |x| is compared as integers
-    (the order of floats, NaN the largest: a NaN comes out)."""
+    xm.flat[mo], [mo+1] = d * the sum of each 16 of them, xdv.flat[do:do+8] = d, xs.flat[do:do+8] = -offset *
+    the sum of each lane's values (_lane_values, as _row_dots's integer dots see them).  |x| is compared as
+    integers (the order of floats, NaN the largest: a NaN comes out)."""
 
     def codegen(context, builder, sig, args):
         b = builder
-        px, pq, pm, pd = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (0, 2, 4, 6))
-        xo, qo, mo, do = args[1], args[3], args[5], args[7]
+        px, pq, pm, pd, ps = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (0, 2, 4, 6, 8))
+        xo, qo, mo, do, offset = args[1], args[3], args[5], args[7], args[9]
         v32f, v32i = _vec(_f32t, 32), _vec(_i32, 32)
         v = b.load(b.bitcast(b.gep(px, [xo]), v32f.as_pointer()), align=4)
         umax = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [v32i]), "llvm.vector.reduce.umax.v32i32")
@@ -454,55 +477,62 @@ def _quantize_block(typingctx, x, xo, xq, qo, xm, mo, xdv, do):
             b.store(b.fmul(d, s), b.gep(pm, [b.add(mo, ir.Constant(_i64, h))]))
         dv = _pick(b, b.insert_element(ir.Constant(_vec(_f32t, 1), None), d, ir.Constant(_i32, 0)), [0] * 8)
         b.store(dv, b.bitcast(b.gep(pd, [do]), dv.type.as_pointer()), align=4)
+        vnni = _use_vnni(context)  # the lanes of a block are 8 of a pair's 16, the values 32 on in the second
+        parts = [_pick(b, q, [_lane_values(j, vnni)[k] for j in range(8)]) for k in range(4)]
+        lanes = b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3]))  # <8 x i32>
+        neg = _pick(b, b.insert_element(ir.Constant(_vec(_i32, 1), None), b.neg(offset), ir.Constant(_i32, 0)), [0] * 8)
+        b.store(b.mul(lanes, neg), b.bitcast(b.gep(ps, [do]), lanes.type.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(x, xo, xq, qo, xm, mo, xdv, do), codegen
+    return types.none(x, xo, xq, qo, xm, mo, xdv, do, xs, offset), codegen
 
 
 @njit(fastmath=_FM, cache=True)
-def _quantize_act(x, xq, xm, xdv):
+def _quantize_act(x, xq, xm, xdv, xs, offset):
     # x f32 [T, n] -> int8 blocks of 32 with one scale d each, pair-major (the 8 rows a weight pair meets lie
     # together, at constant offsets): xq i8 [pairs, T, 64]; xdv f32 [pairs, T, 16] = each block's d 8 times;
-    # xm f32 [T, nm >= n/16] = d * the sum of each 16 values of xq.  Padding is left untouched.
+    # xs i32 [pairs, T, 16] = -offset * each lane's sum of xq; xm f32 [T, nm >= n/16] = d * the sum of each
+    # 16 values of xq.  Padding is left untouched.
     T, n = x.shape
     nm = xm.shape[1]
     for t in range(T):
         for b in range(n // 32):
             p, h = b // 2, b % 2
             _quantize_block(x, t * n + 32 * b, xq, (p * T + t) * 64 + 32 * h, xm, t * nm + 2 * b, xdv,
-                            (p * T + t) * 16 + 8 * h)
+                            (p * T + t) * 16 + 8 * h, xs, offset)
 
 
 @njit(cache=True)
 def _act_buffers(T, n):
-    # zeroed xq, xm, xdv for T activation rows of n values (see _quantize_act; _row_dots for the padding)
+    # zeroed xq, xm, xdv, xs for T activation rows of n values (see _quantize_act; _row_dots for the padding)
     pairs = (n + 63) // 64
     nm = (4 * pairs + 15) // 16 * 16
-    return np.zeros((pairs, T, 64), np.int8), np.zeros((T, nm), np.float32), np.zeros((pairs, T, 16), np.float32)
+    return (np.zeros((pairs, T, 64), np.int8), np.zeros((T, nm), np.float32), np.zeros((pairs, T, 16), np.float32),
+            np.zeros((pairs, T, 16), np.int32))
 
 
 # no fastmath here: numba would put its flags on the inlined _row_dots IR too, and LLVM could then fuse or
 # reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
 @njit(cache=True)
-def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, out):
+def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, xs, out):
     # out[:, r0:r1] for rows r0..r1 of w; qtype is a literal (see _for_type), so the row dots inline with
     # their type fixed
     res = np.empty(xm.shape[0], np.float32)  # one weight row against every activation row
     mrow = np.zeros(xm.shape[1], np.float32)  # scratch of _row_dots
     for r in range(r0, r1):
-        _row_dots(qtype, w[r], xq, xdv, xm, mrow, res)
+        _row_dots(qtype, w[r], xq, xdv, xs, xm, mrow, res)
         out[:, r] = res
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
 def _matmul_q8(qtype, w, x, out):
     # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
-    xq, xm, xdv = _act_buffers(x.shape[0], x.shape[1])
+    xq, xm, xdv, xs = _act_buffers(x.shape[0], x.shape[1])
     # a called function, not array expressions: under parallel=True each of those is one more parallel region
-    _quantize_act(x, xq, xm, xdv)
+    _quantize_act(x, xq, xm, xdv, xs, _type_offset(qtype))
     R = w.shape[0]
     for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
-        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xm, xdv, out)
+        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xm, xdv, xs, out)
 
 
 # ---------------------------------------------------------------------------------------------------------
