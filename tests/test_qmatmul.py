@@ -146,18 +146,18 @@ def test_portable_block_dots(qtype, monkeypatch):
     """The IR compiled for CPUs without AVX-512 VNNI (the kernels above use vpdpbusd on this one)."""
     monkeypatch.setattr(qmatmul, "_PORTABLE_IR", True)
     code = int(qtype)  # a closure constant: numba sees it as a literal, as _row_dots requires
-    row_dots = numba.njit(lambda w, xq, xdv, xs, xm, mrow, res: qmatmul._row_dots(code, w, xq, xdv, xs, xm, mrow, res))  # uncached
-    quantize = numba.njit(lambda x, xq, xm, xdv, xs: qmatmul._quantize_act(x, xq, xm, xdv, xs, qmatmul._type_offset(code)))
+    row_dots = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(code, w, xq, xdv, xs, xm, res))  # uncached
+    quantize = numba.njit(lambda x, xq, xm, xdv, xs: qmatmul._quantize_act(code, x, xq, xm, xdv, xs))
     rng = np.random.default_rng(5)
     n_in = N_IN + 32 if GGML_QUANT_SIZES[qtype][0] == 32 else N_IN  # legacy: an odd block count, a half pair
     w = make_weight(qtype, 3, n_in, rng)
     x = rng.standard_normal((2, n_in)).astype(np.float32)
     xq, xm, xdv, xs = qmatmul._act_buffers(2, n_in)
     quantize(x, xq, xm, xdv, xs)  # portable lanes of the offsets too
-    res, mrow = np.empty(2, np.float32), np.zeros(xm.shape[1], np.float32)
+    res = np.empty(2, np.float32)
     y = []
     for r in range(3):
-        row_dots(w.data[r], xq, xdv, xs, xm, mrow, res)
+        row_dots(w.data[r], xq, xdv, xs, xm, res)
         y.append(res.copy())
     y = np.array(y).T  # [2, 3]
     wref = reference(w).astype(np.float64)

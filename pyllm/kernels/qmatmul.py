@@ -122,7 +122,8 @@ def _f16(typingctx, a, off):
 # Every type is read as "units" of whole blocks: a pair of legacy 32-value blocks, or one K-quant super-block
 # of 256.  A unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand) and the
 # weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus, for types with a min
-# (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), one float per 16 values that multiplies their activation sum.  Types stored
+# (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), the mins that multiply activation sums: one per 32 values (per 16: Q2_K,
+# _MINS_PER_16).  Types stored
 # as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by flipping the top bit) need no such
 # term: the integer dot starts from -offset * the activations' lane sums, so it is sum((q - offset) * x)
 # exactly.  Offsets of each field inside a block follow ggml-common.h.
@@ -134,6 +135,7 @@ _BLOCK32 = {Q8_0: (34, -1, 2, -1, 128), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1,
 _KQUANT_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 values
 # the types whose values are scale * (q - offset), q unsigned as unpacked
 _OFFSETS = {**{t: v[4] for t, v in _BLOCK32.items() if v[4]}, Q6_K: 32, Q3_K: 4}
+_MINS_PER_16 = (Q2_K,)  # the other types with mins have one per 32 values
 
 # Activation rows that share one unpacked unit, largest first: T=13 runs as 8 + 4 + 1.
 _GROUPS = (8, 4, 2, 1)
@@ -222,7 +224,7 @@ def _unit_block32(r, o, qtype, tail):
                             words[1], ir.Constant(_i32, 1))
     dm = b.fpext(b.bitcast(both, _vec(ir.HalfType(), 2 * k)), _vec(_f32t, 2 * k))
     dvec = _pick(b, dm, [0] * 8 + [k] * 8)
-    return [(q, dvec)], (_pick(b, dm, [1, 1, 3, 3]) if m_off >= 0 else None)
+    return [(q, dvec)], (_pick(b, dm, [1, 3]) if m_off >= 0 else None)
 
 
 def _unit_q4_k(r, o, qtype):
@@ -245,7 +247,7 @@ def _unit_q4_k(r, o, qtype):
             lo = b.or_(lo, _shl(b, _bits(b, qh, 2 * p, 1), 4))
             hi = b.or_(hi, _shl(b, _bits(b, qh, 2 * p + 1, 1), 4))
         pairs.append((_cat(b, lo, hi), _pick(b, scales, [2 * p] * 8 + [2 * p + 1] * 8)))
-    return pairs, _pick(b, mins, [i // 2 for i in range(16)])
+    return pairs, mins
 
 
 def _unit_q6_k(r, o, qtype):
@@ -349,26 +351,27 @@ def _use_vnni(context):
 
 
 @intrinsic(prefer_literal=True)
-def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, mrow, res):
+def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
     """res[t] = dot of one weight row of a quantized type with activation row t.
 
     w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); xdv f32 [pairs, T, 16] (each
     32 values' scale 8 times); xs i32 [pairs, T, 16] (-offset * the sum of the values of each lane, for the
-    type's _OFFSETS); xm f32 [T, nm] (scale * sum of each 16 values, zero past them; nm a multiple of 16,
-    >= 4 * pairs); mrow f32 [nm] zeroed scratch; res f32 [T].  (_act_buffers makes them, _quantize_act fills
-    them.)
+    type's _OFFSETS); xm f32 [4 * pairs, T] (types with mins: scale * the sum of each 32 values, or 16 for
+    _MINS_PER_16; zero past them); res f32 [T].
+    (_act_buffers makes them, _quantize_act fills them.)
 
     Per 64 values the weights are unpacked once for a group of up to 8 activation rows, and each row costs
     one integer dot (vpdpbusd, starting from xs: the offsets), a convert, a multiply and an FMA into its own
-    vector of 16 float partial sums: no horizontal sum per block (llama.cpp's layout).  Types with mins
-    collect them in mrow and dot it with xm once per row, 16 at a time.  Every row gets the same
-    instructions in whichever group it falls, and no fast-math flags: res[t] does not depend on T.
+    vector of 16 float partial sums: no horizontal sum per block (llama.cpp's layout).  A weight min meets
+    the activation sums of its values in the group's rows at once (a vector of G lanes, one per row, from xm's
+    row-minor layout), added after the horizontal sums.  Every row gets the same instructions in whichever
+    group it falls, and no fast-math flags: res[t] does not depend on T.
     """
     if not isinstance(qtype, types.IntegerLiteral) or qtype.literal_value not in (*_BLOCK32, *_KQUANT_BYTES):
         return None
 
     def codegen(context, builder, sig, args):
-        _, w, xq, xdv, xs, xm, mrow, res = args
+        _, w, xq, xdv, xs, xm, res = args
         kind = sig.args[0].literal_value
         legacy, has_mins = kind in _BLOCK32, kind not in _OFFSETS
         unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
@@ -385,10 +388,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, mrow, res):
         T = cgutils.unpack_tuple(b, xq_ary.shape)[1]
         xdv_ary = context.make_array(sig.args[3])(context, b, xdv)
         xs_data = context.make_array(sig.args[4])(context, b, xs).data
-        xm_ary = context.make_array(sig.args[5])(context, b, xm)
-        nm = cgutils.unpack_tuple(b, xm_ary.shape)[1]
-        m_data = context.make_array(sig.args[6])(context, b, mrow).data
-        res_data = context.make_array(sig.args[7])(context, b, res).data
+        xm_data = context.make_array(sig.args[5])(context, b, xm).data
+        res_data = context.make_array(sig.args[6])(context, b, res).data
         v16i = _vec(_i32, 16)
 
         def vec_at(data, index, ty):
@@ -397,14 +398,18 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, mrow, res):
         prefetch = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
                                                   "llvm.prefetch.p0i8")
 
-        def unit(u, rows, acc, tail=False):
+        def unit(u, rows, acc, macc, tail=False):
             o = b.mul(u, c64(unit_bytes))
             for k in range(0, unit_bytes, 64):  # (read, keep in all caches, data); past the end is harmless
                 b.call(prefetch, [b.gep(row.data, [b.add(o, c64(_PREFETCH_BYTES + k))]), ir.Constant(_i32, 0),
                                   ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
             pairs, mins = (_unit_block32(row, o, kind, tail) if legacy else _KQUANT_UNITS[kind](row, o, kind))
-            if has_mins:
-                b.store(mins, vec_at(m_data, b.mul(u, c64(unit_values // 16)), mins.type), align=4)
+            if has_mins:  # each min times the activation sum of its 16 or 32 values, in the G rows at once
+                for j in range(mins.type.count):
+                    m = _pick(b, mins, [j] * len(rows))
+                    i = b.add(b.mul(u, c64(mins.type.count)), c64(j))  # row i of xm: these values
+                    xmv = b.load(vec_at(xm_data, b.add(b.mul(i, T), rows[0]), m.type), align=4)
+                    b.store(b.call(fma_g, [m, xmv, b.load(macc[j % 2])]), macc[j % 2])
             for i, (q, dv) in enumerate(pairs):
                 p = b.add(b.mul(u, c64(unit_values // 64)), c64(i))  # these 64 values: pair p of the activations
                 for g, tg in enumerate(rows):
@@ -418,49 +423,44 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, mrow, res):
 
         t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
         for G in _GROUPS:
+            vgf = _vec(_f32t, G)
+            fma_g = cgutils.get_or_insert_function(b.module, ir.FunctionType(vgf, [vgf] * 3), f"llvm.fma.v{G}f32")
             with cgutils.for_range(b, b.udiv(b.sub(T, b.load(t)), c64(G))):
                 t0 = b.load(t)
                 rows = [b.add(t0, c64(g)) for g in range(G)]
                 acc = [cgutils.alloca_once_value(b, ir.Constant(v16f, None)) for _ in rows]  # mem2reg: registers
+                macc = [cgutils.alloca_once_value(b, ir.Constant(vgf, None)) for _ in range(2)]  # two FMA chains
                 with cgutils.for_range(b, n_units) as loop:
-                    unit(loop.index, rows, acc)
+                    unit(loop.index, rows, acc, macc)
                 if legacy:  # an odd block count ends on a half pair
                     with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
-                        unit(n_units, rows, acc, tail=True)
-                for g, tg in enumerate(rows if has_mins else []):
-                    with cgutils.for_range(b, b.udiv(nm, c64(16))) as loop:
-                        i = b.mul(loop.index, c64(16))
-                        mv = b.load(vec_at(m_data, i, v16f), align=4)
-                        xmv = b.load(vec_at(xm_ary.data, b.add(b.mul(tg, nm), i), v16f), align=4)
-                        b.store(b.call(fma, [mv, xmv, b.load(acc[g])]), acc[g])
+                        unit(n_units, rows, acc, macc, tail=True)
                 sums = _row_sums(b, [b.load(a) for a in acc])  # <G x float>
+                if has_mins:
+                    sums = b.fadd(sums, b.fadd(b.load(macc[0]), b.load(macc[1])))
                 b.store(sums, vec_at(res_data, t0, sums.type), align=4)
                 b.store(b.add(t0, c64(G)), t)
         return context.get_dummy_value()
 
-    return types.none(qtype, w, xq, xdv, xs, xm, mrow, res), codegen
+    return types.none(qtype, w, xq, xdv, xs, xm, res), codegen
 
 
 @intrinsic(prefer_literal=True)
-def _type_offset(typingctx, qtype):
-    """The constant offset of a quant type's unsigned values (_OFFSETS), 0 for the others."""
+def _quantize_block(typingctx, qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs):
+    """One block of 32 activations x.flat[xo:xo+32] (block blk of row t) -> int8 xq.flat[qo:qo+32] with scale
+    d = max|x| / 127, xdv.flat[do:do+8] = d, what the quant type's dots need of their sums: xs.flat[do:do+8] =
+    -offset * the sum of each lane's values (_lane_values, as _row_dots's integer dots see them) for _OFFSETS,
+    xm[blk, t] = d * their sum for types with mins per 32, xm[2 blk + h, t] = d * the sum of each 16 for
+    _MINS_PER_16.  |x| is compared as integers (the order of floats, NaN the largest: a NaN comes out)."""
     if not isinstance(qtype, types.IntegerLiteral):
         return None
-    offset = _OFFSETS.get(qtype.literal_value, 0)
-    return types.int32(qtype), lambda context, builder, sig, args: ir.Constant(_i32, offset)
-
-
-@intrinsic
-def _quantize_block(typingctx, x, xo, xq, qo, xm, mo, xdv, do, xs, offset):
-    """One block of 32 activations x.flat[xo:xo+32] -> int8 xq.flat[qo:qo+32] with scale d = max|x| / 127,
-    xm.flat[mo], [mo+1] = d * the sum of each 16 of them, xdv.flat[do:do+8] = d, xs.flat[do:do+8] = -offset *
-    the sum of each lane's values (_lane_values, as _row_dots's integer dots see them).  |x| is compared as
-    integers (the order of floats, NaN the largest: a NaN comes out)."""
 
     def codegen(context, builder, sig, args):
         b = builder
-        px, pq, pm, pd, ps = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (0, 2, 4, 6, 8))
-        xo, qo, mo, do, offset = args[1], args[3], args[5], args[7], args[9]
+        kind = sig.args[0].literal_value
+        px, pq, pm, pd, ps = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (1, 3, 5, 8, 10))
+        xo, qo, blk, t, do = args[2], args[4], args[6], args[7], args[9]
+        xm_T = cgutils.unpack_tuple(b, context.make_array(sig.args[5])(context, b, args[5]).shape)[1]
         v32f, v32i = _vec(_f32t, 32), _vec(_i32, 32)
         v = b.load(b.bitcast(b.gep(px, [xo]), v32f.as_pointer()), align=4)
         umax = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [v32i]), "llvm.vector.reduce.umax.v32i32")
@@ -471,65 +471,68 @@ def _quantize_block(typingctx, x, xo, xq, qo, xm, mo, xdv, do, xs, offset):
         rint = cgutils.get_or_insert_function(b.module, ir.FunctionType(v32f, [v32f]), "llvm.rint.v32f32")
         q = b.fptosi(b.call(rint, [_times(b, v, inv)]), v32i)  # round half to even
         b.store(b.trunc(q, _vec(_i8, 32)), b.bitcast(b.gep(pq, [qo]), _vec(_i8, 32).as_pointer()), align=1)
-        add = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [_vec(_i32, 16)]), "llvm.vector.reduce.add.v16i32")
-        for h in range(2):
-            s = b.sitofp(b.call(add, [_pick(b, q, list(range(16 * h, 16 * h + 16)))]), _f32t)
-            b.store(b.fmul(d, s), b.gep(pm, [b.add(mo, ir.Constant(_i64, h))]))
         dv = _pick(b, b.insert_element(ir.Constant(_vec(_f32t, 1), None), d, ir.Constant(_i32, 0)), [0] * 8)
         b.store(dv, b.bitcast(b.gep(pd, [do]), dv.type.as_pointer()), align=4)
-        vnni = _use_vnni(context)  # the lanes of a block are 8 of a pair's 16, the values 32 on in the second
-        parts = [_pick(b, q, [_lane_values(j, vnni)[k] for j in range(8)]) for k in range(4)]
-        lanes = b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3]))  # <8 x i32>
-        neg = _pick(b, b.insert_element(ir.Constant(_vec(_i32, 1), None), b.neg(offset), ir.Constant(_i32, 0)), [0] * 8)
-        b.store(b.mul(lanes, neg), b.bitcast(b.gep(ps, [do]), lanes.type.as_pointer()), align=4)
+        if kind in _OFFSETS:
+            vnni = _use_vnni(context)  # the lanes of a block are 8 of a pair's 16, the values 32 on in the second
+            parts = [_pick(b, q, [_lane_values(j, vnni)[k] for j in range(8)]) for k in range(4)]
+            lanes = b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3]))  # <8 x i32>
+            b.store(b.mul(lanes, ir.Constant(lanes.type, [-_OFFSETS[kind]] * 8)),
+                    b.bitcast(b.gep(ps, [do]), lanes.type.as_pointer()), align=4)
+        else:
+            width = 16 if kind in _MINS_PER_16 else 32
+            add = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [_vec(_i32, width)]),
+                                                 f"llvm.vector.reduce.add.v{width}i32")
+            for h in range(32 // width):
+                s = b.sitofp(b.call(add, [_pick(b, q, list(range(width * h, width * h + width)))]), _f32t)
+                row = b.add(b.mul(blk, ir.Constant(_i64, 32 // width)), ir.Constant(_i64, h))
+                b.store(b.fmul(d, s), b.gep(pm, [b.add(b.mul(row, xm_T), t)]))
         return context.get_dummy_value()
 
-    return types.none(x, xo, xq, qo, xm, mo, xdv, do, xs, offset), codegen
+    return types.none(qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs), codegen
 
 
-@njit(fastmath=_FM, cache=True)
-def _quantize_act(x, xq, xm, xdv, xs, offset):
+@njit(cache=True)
+def _quantize_act(qtype, x, xq, xm, xdv, xs):
     # x f32 [T, n] -> int8 blocks of 32 with one scale d each, pair-major (the 8 rows a weight pair meets lie
     # together, at constant offsets): xq i8 [pairs, T, 64]; xdv f32 [pairs, T, 16] = each block's d 8 times;
-    # xs i32 [pairs, T, 16] = -offset * each lane's sum of xq; xm f32 [T, nm >= n/16] = d * the sum of each
-    # 16 values of xq.  Padding is left untouched.
+    # and the sums the weights of qtype (a literal) need: xs i32 [pairs, T, 16], -offset * each lane's sum of
+    # xq; or xm f32 [4 * pairs, T], d * the sum of each 32 (or 16) values.  Padding is left untouched.
     T, n = x.shape
-    nm = xm.shape[1]
     for t in range(T):
         for b in range(n // 32):
             p, h = b // 2, b % 2
-            _quantize_block(x, t * n + 32 * b, xq, (p * T + t) * 64 + 32 * h, xm, t * nm + 2 * b, xdv,
-                            (p * T + t) * 16 + 8 * h, xs, offset)
+            _quantize_block(qtype, x, t * n + 32 * b, xq, (p * T + t) * 64 + 32 * h, xm, b, t, xdv,
+                            (p * T + t) * 16 + 8 * h, xs)
 
 
 @njit(cache=True)
 def _act_buffers(T, n):
     # zeroed xq, xm, xdv, xs for T activation rows of n values (see _quantize_act; _row_dots for the padding)
     pairs = (n + 63) // 64
-    nm = (4 * pairs + 15) // 16 * 16
-    return (np.zeros((pairs, T, 64), np.int8), np.zeros((T, nm), np.float32), np.zeros((pairs, T, 16), np.float32),
-            np.zeros((pairs, T, 16), np.int32))
+    return (np.zeros((pairs, T, 64), np.int8), np.zeros((4 * pairs, T), np.float32),
+            np.zeros((pairs, T, 16), np.float32), np.zeros((pairs, T, 16), np.int32))
 
 
-# no fastmath here: numba would put its flags on the inlined _row_dots IR too, and LLVM could then fuse or
-# reorder a row's float sums differently per group size (measured: Q4_0 and Q5_0 rows changed with T)
+# no fastmath here nor in the callers: numba puts a function's flags on all the IR inlined into it, _row_dots's
+# too, and LLVM could then fuse or reorder a row's float sums differently per group size (measured: Q4_0 and
+# Q5_0 rows changed with T; later Q4_1 rows, through the fastmath of _matmul_q8)
 @njit(cache=True)
 def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, xs, out):
     # out[:, r0:r1] for rows r0..r1 of w; qtype is a literal (see _for_type), so the row dots inline with
     # their type fixed
-    res = np.empty(xm.shape[0], np.float32)  # one weight row against every activation row
-    mrow = np.zeros(xm.shape[1], np.float32)  # scratch of _row_dots
+    res = np.empty(xm.shape[1], np.float32)  # one weight row against every activation row
     for r in range(r0, r1):
-        _row_dots(qtype, w[r], xq, xdv, xs, xm, mrow, res)
+        _row_dots(qtype, w[r], xq, xdv, xs, xm, res)
         out[:, r] = res
 
 
-@njit(parallel=True, fastmath=_FM, cache=True)
+@njit(parallel=True, cache=True)
 def _matmul_q8(qtype, w, x, out):
     # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
     xq, xm, xdv, xs = _act_buffers(x.shape[0], x.shape[1])
     # a called function, not array expressions: under parallel=True each of those is one more parallel region
-    _quantize_act(x, xq, xm, xdv, xs, _type_offset(qtype))
+    _quantize_act(qtype, x, xq, xm, xdv, xs)
     R = w.shape[0]
     for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
         _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xm, xdv, xs, out)
