@@ -138,7 +138,7 @@ def test_one_text_line_per_prompt(tiny_path):
 
 def test_jsonl_with_a_broken_line(tiny_path, tmp_path):
     lines = ['{"prompt": "the cat", "id": "first", "max_tokens": 3}', "plain text prompt",
-             '{"prompt": "broken',
+             '{"prompt": "broken", oops',  # a long message: it must stay one line on stderr
              '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "seed": 3, "temperature": 0.5}',
              "", '{"prompt": "x", "top_p": 7}', '{"prompt": "the dog", "stop": ["zz"]}']
     f = tmp_path / "in.jsonl"
@@ -155,7 +155,9 @@ def test_jsonl_with_a_broken_line(tiny_path, tmp_path):
         if "error" not in rec:
             assert rec["finish_reason"] in ("stop", "length") and rec["completion_tokens"] <= 3
             assert rec["prompt_tokens"] > 0 and isinstance(rec["text"], str)
-    assert "line 3:" in r.stderr and "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr
+    diagnostics = [line for line in r.stderr.splitlines() if line.startswith("pyllm: line")]
+    assert len(diagnostics) == 2 and "line 3: not valid JSON (" in diagnostics[0] and diagnostics[0].endswith(")")
     assert "2 of 6 prompts failed" in r.stderr
 
 

@@ -101,7 +101,7 @@ class Output:
         self.n_done = self.n_failed = 0
 
     def error(self, index: int, number: int, label, message: str) -> None:
-        err.print(f"pyllm: line {number}: {message}", markup=False, highlight=False)
+        err.print(f"pyllm: line {number}: {message}", markup=False)
         self.n_failed += 1
         self.put(index, label, {"error": message, "finish_reason": "error"})
 
@@ -272,7 +272,7 @@ def batch(
         err.print(f"[dim]{out.n_done} prompts ({out.n_failed} failed) in {wall:.1f} s, {engine.cache.n_slots} "
                   f"parallel | prefill: {engine.n_prefill} tokens, {engine.n_prefill / max(engine.prefill_s, 1e-9):.1f}"
                   f" tok/s | decode: {engine.n_decoded} tokens, {engine.n_decoded / max(engine.decode_s, 1e-9):.1f} "
-                  f"tok/s aggregate[/dim]", soft_wrap=True)
+                  f"tok/s aggregate[/dim]")
     if out.n_failed:
-        err.print(f"pyllm: {out.n_failed} of {out.n_done} prompts failed", markup=False, highlight=False)
+        err.print(f"pyllm: {out.n_failed} of {out.n_done} prompts failed", markup=False)
         raise typer.Exit(1)

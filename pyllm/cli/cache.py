@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 
 
 def warn(message: str) -> None:
-    err.print(f"pyllm: warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"pyllm: warning: {message}", markup=False)
 
 
 def open_prompt_cache(disabled: bool, directory: Path | None, max_size: str, file: Path | None,

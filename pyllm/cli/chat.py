@@ -34,7 +34,7 @@ HELP = f"""\
 
 def note(text: str) -> None:
     """A dim line on stderr (plain when stderr is not a terminal); text is never read as markup."""
-    err.print(text, style="dim", markup=False, soft_wrap=True)
+    err.print(text, style="dim", markup=False)
 
 
 def terminal_reader() -> Callable[[str], str]:
@@ -116,7 +116,7 @@ class Repl:
             except KeyboardInterrupt:
                 note("(Ctrl-D or /bye to leave)")
             except PyllmError as e:
-                err.print(f"pyllm: error: {e}", markup=False, soft_wrap=True)
+                err.print(f"pyllm: error: {e}", markup=False)
 
     def command(self, name: str, arg: str) -> None:
         handler = self.commands.get(name)
@@ -147,7 +147,7 @@ class Repl:
 
     # --- slash commands ----------------------------------------------------------------------------------
     def help(self, arg: str) -> None:
-        err.print(HELP, markup=False, soft_wrap=True)
+        err.print(HELP, markup=False)
 
     def clear(self, arg: str) -> None:
         self.chat.clear()

@@ -12,8 +12,9 @@ from rich.console import Console
 
 from ..errors import PyllmError
 
-# Diagnostics to stderr, the answer to stdout: pipelines stay clean.
-err = Console(stderr=True, highlight=False)
+# Diagnostics to stderr, the answer to stdout: pipelines stay clean.  soft_wrap: a diagnostic stays one line
+# in a log or a pipe (rich would break it at 80 columns when stderr is not a terminal).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelArg = Annotated[Optional[str], typer.Argument(help="GGUF file or known model name (default: smollm2-135m)",
                                                    show_default=False)]
@@ -64,7 +65,7 @@ def pull_progress():
 
     def report(done, total, what):
         if not err.is_terminal:
-            err.print(f"pyllm: {what}")
+            err.print(f"pyllm: {what}", markup=False)
             return
         if "bar" not in state:
             state["bar"] = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
