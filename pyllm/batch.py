@@ -8,8 +8,10 @@ decode steps, so a prompt's prefill is the same computation as when it runs by i
 own sampler (and seed), stop strings and token budget, so its output depends on its request only, not on what
 else is in the batch.
 
-A slot keeps the tokens of the prompt it last ran: a new prompt that begins the same way (the same system
-prompt) goes to the free slot sharing most of it and prefills only the rest.
+A slot keeps the prompt it last ran: a new prompt that begins the same way (the same system prompt) goes to the
+free slot sharing most of it and prefills only the rest; when another slot, running or not, shares more, the
+keys and values of that part are copied from it.  Only prompt tokens are shared: their keys and values came
+from the prefill path, as they would for the new prompt alone (generated tokens came from decode steps).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from .sampling import Sampler
 # Decoding steps compute every row exactly as for a lone sequence, whatever the batch size.  The int8 kernel
 # unpacks each 64 weights once for up to 8 activation rows, so 8 is where a step is cheapest per token (16 runs
 # as two groups of 8: no cheaper per token).  smollm2-135m, 64 prompts x 64 tokens (bench/bench_batch.py):
-# 8 sequences 3.5x the aggregate decode speed of 1, outputs identical.
+# 8 sequences 3.3-3.5x the aggregate decode speed of 1, outputs identical (2.8x where the whole model sits in
+# a quiet L3, so that one sequence's step is compute-bound too).
 MAX_DEFAULT_PARALLEL = 8
 
 
@@ -98,6 +101,7 @@ class ContinuousBatch:
         self.model = model
         self.cache = model.new_cache(n_ctx, n_slots=n_parallel, kv_type=kv_type)
         self.running: dict[int, _Sequence] = {}  # slot -> its sequence
+        self.n_prompt = [0] * n_parallel  # leading tokens of each slot that a prefill computed
         # totals over the run, for aggregate speeds: decode steps produce every token but each sequence's first
         self.n_prefill = self.n_decoded = 0
         self.prefill_s = self.decode_s = 0.0
@@ -106,14 +110,29 @@ class ContinuousBatch:
     def n_free(self) -> int:
         return self.cache.n_slots - len(self.running)
 
+    def _shared(self, prompt: list[int], slot: int) -> int:
+        """How many leading tokens of `prompt` the slot holds from a prefill."""
+        return min(self.cache.common_prefix(prompt, slot), self.n_prompt[slot])
+
+    def _take_prefix(self, prompt: list[int], slot: int) -> None:
+        """Leave in the slot the longest prefix of `prompt` that it or another slot holds from a prefill."""
+        n = {s: self._shared(prompt, s) for s in range(self.cache.n_slots)}
+        donor = max(n, key=lambda s: (n[s], s == slot))  # the slot itself on a tie: nothing to copy
+        if donor == slot:
+            self.cache.trim(n[slot], slot)
+        else:
+            self.cache.copy_prefix(donor, slot, n[donor])
+        self.n_prompt[slot] = n[donor]
+
     def add(self, requests: list[Request]) -> list[Result]:
-        """Prefill requests (at most n_free) together, each into the free slot that shares most of its prompt.
-        Returns the Results of those over already (they cannot run, or end on their first token); the others
-        run in the next steps."""
+        """Prefill requests (at most n_free) together, each into the free slot that shares most of its prompt
+        (and with the longest prefix any slot holds).  Returns the Results of those over already (they cannot
+        run, or end on their first token); the others run in the next steps."""
         free = [s for s in range(self.cache.n_slots) if s not in self.running]
         over, joining, todo = [], [], []
         for request in requests:
-            slot = max(free, key=lambda s: self.cache.common_prefix(request.prompt, s))
+            slot = max(free, key=lambda s: self._shared(request.prompt, s))
+            self._take_prefix(request.prompt, slot)
             seq = _Sequence(self.model, self.cache, request, slot)
             try:
                 todo.append((slot, plan_prefill(self.model, self.cache, request.prompt, request.sampler, slot,
@@ -133,6 +152,7 @@ class ContinuousBatch:
         self.n_prefill += n_prefill
         self.prefill_s += spent
         for seq, row in zip(joining, logits):
+            self.n_prompt[seq.slot] = len(seq.request.prompt)
             stats = seq.result.stats
             stats.prefill_s = spent * stats.n_prefill / n_prefill  # its share of the joint prefill
             seq.t0 = time.perf_counter()

@@ -34,6 +34,13 @@ class KVCache:
         """Forget everything after the first n tokens of a slot (the arrays past n are simply overwritten later)."""
         del self.tokens[slot][n:]
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot dst takes the first n tokens of slot src: a token's keys and values depend on the tokens before
+        it, not on the slot."""
+        for a in (self.k, self.v):
+            a[:, dst, :, :n] = a[:, src, :, :n]
+        self.tokens[dst] = self.tokens[src][:n]
+
     def common_prefix(self, tokens, slot: int = 0) -> int:
         """How many leading tokens of `tokens` the slot already holds."""
         held = self.tokens[slot]

@@ -98,6 +98,32 @@ def test_shared_prefix_is_not_prefilled_again(tiny):
         assert r.tokens == alone(tiny, prompt_of[r.id], 2)[0]
 
 
+def test_shared_prefix_is_copied_from_a_running_slot(tiny):
+    """A prompt joining a freed slot takes the system prompt's keys and values from the slot still decoding."""
+    system = tiny.tokenize("you are a cat that sat on a mat while two dogs ran")
+    own = [system + tiny.tokenize(" ball", add_special=False), tiny.tokenize("one park"),
+           system + tiny.tokenize(" the park", add_special=False)]
+    budgets = [12, 1, 3]
+    requests = iter([Request(p, max_tokens=n, id=i) for i, (p, n) in enumerate(zip(own, budgets))])
+    results = {r.id: r for r in ContinuousBatch(tiny, 2, n_ctx=256).run(lambda block: next(requests, None))}
+    assert results[2].stats.n_reused >= len(system)  # 2 joined the slot of 1, which never held the system prompt
+    for i, r in results.items():
+        assert r.tokens == alone(tiny, own[i], budgets[i])[0]
+
+
+def test_generated_tokens_are_not_shared(tiny):
+    """A prompt that goes on from an earlier answer reuses only that earlier prompt: the answer's keys and
+    values came from decode steps, not from the prefill the new prompt gets alone."""
+    first = tiny.tokenize("the cat sat on")
+    answer = alone(tiny, first, 6)[0]
+    follow = first + answer[:4] + tiny.tokenize(" mat", add_special=False)
+    requests = iter([Request(first, max_tokens=6, id=0), Request(follow, max_tokens=3, id=1)])
+    results = {r.id: r for r in ContinuousBatch(tiny, 1, n_ctx=256).run(lambda block: next(requests, None))}
+    assert results[0].tokens == answer
+    assert results[1].stats.n_reused == len(first)
+    assert results[1].tokens == alone(tiny, follow, 3)[0]
+
+
 def test_stop_strings_and_bad_requests(tiny):
     p = prompts(tiny, 1)[0]
     full = alone(tiny, p, 12)[1]
