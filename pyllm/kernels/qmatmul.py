@@ -765,25 +765,18 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: st
 
 
 def matmuls(ws, x: np.ndarray, *, path: str = "auto") -> list[np.ndarray]:
-    """[matmul(w, x, path=path) for w in ws], the same bits, in fewer passes: matrices of one quant type on the
-    int8 path (a decode step's q, k, v or gate, up; q and k alone where v has another type) quantize x once
-    and split their rows over the threads together, saving a kernel call, a quantization and a parallel
-    region each."""
-    for w in ws:
-        x = _check_x(w, x)
+    """[matmul(w, x, path=path) for w in ws], the same bits, in one pass when they can share it: matrices of one
+    quant type on the int8 path (a decode step's q, k, v and gate, up) quantize x once and split their rows
+    over the threads together, saving a kernel call, a quantization and a parallel region each."""
+    if not 1 < len(ws) <= _FUSED or len({w.qtype for w in ws}) > 1 or not uses_int8(ws[0].qtype, x.shape[0], path):
+        return [matmul(w, x, path=path) for w in ws]
+    x = _check_x(ws[0], x)
+    for w in ws[1:]:
+        _check_x(w, x)
     outs = [np.empty((x.shape[0], w.shape[0]), np.float32) for w in ws]
-    by_type: dict[int, list[int]] = {}
-    for i, w in enumerate(ws):
-        by_type.setdefault(w.qtype, []).append(i)
-    for qtype, idx in by_type.items():
-        if len(idx) == 1 or not uses_int8(qtype, x.shape[0], path):
-            for i in idx:
-                matmul(ws[i], x, outs[i], path=path)
-            continue
-        for c in range(0, len(idx), _FUSED):
-            part = idx[c:c + _FUSED] + [idx[c]] * (_FUSED - len(idx[c:c + _FUSED]))  # padded by repeating
-            _for_type(_matmul_q8, qtype, tuple(_check(ws[i]) for i in part), x, tuple(outs[i] for i in part),
-                      min(_FUSED, len(idx) - c))
+    pad = _FUSED - len(ws)
+    _for_type(_matmul_q8, ws[0].qtype, tuple(_check(w) for w in ws) + (_check(ws[0]),) * pad, x,
+              tuple(outs) + (outs[0],) * pad, len(ws))
     return outs
 
 
