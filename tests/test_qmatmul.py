@@ -129,30 +129,6 @@ def test_int8_block_pairs_with_an_odd_block_count(qtype, n_in):
     assert np.array_equal(y, alone)
 
 
-@pytest.mark.parametrize("types", [(Q.Q4_1, Q.Q4_1, Q.Q4_1), (Q.Q4_K, Q.Q4_K), (Q.Q8_0, Q.Q5_0),
-                                   (Q.Q6_K, Q.Q6_K, Q.Q6_K, Q.Q6_K)], ids=lambda ts: "+".join(t.name for t in ts))
-@pytest.mark.parametrize("T", [1, 5, 9])
-def test_matmuls_equal_each_matmul(types, T, monkeypatch):
-    """One fused pass over several matrices (q, k, v of a decode step) gives each the bits of its own call:
-    also when the types differ or there are more than a pass takes (then they run one by one)."""
-    rng = np.random.default_rng(11)
-    ws = [make_weight(t, n_out, N_IN, rng) for t, n_out in zip(types, (40, 8, 17, 3))]  # row counts not of 8
-    x = rng.standard_normal((T, N_IN)).astype(np.float32)
-    calls = []
-    for_type = qmatmul._for_type
-    monkeypatch.setattr(qmatmul, "_for_type", lambda *a: calls.append(a[0]) or for_type(*a))
-    for path in ("int8", "auto"):
-        calls.clear()
-        got = qmatmul.matmuls(ws, x, path=path)
-        fused = len(set(types)) == 1 and len(types) <= qmatmul._FUSED and qmatmul.uses_int8(types[0], T, path)
-        assert len(calls) == (1 if fused else len(ws))
-        assert [g.shape for g in got] == [(T, w.shape[0]) for w in ws]
-        for g, w in zip(got, ws):
-            assert np.array_equal(g, qmatmul.matmul(w, x, path=path))
-    with pytest.raises(ValueError, match="expected"):
-        qmatmul.matmuls(ws, x[:, :64], path="int8")
-
-
 def test_auto_path_switches_at_prefill_min_t():
     rng = np.random.default_rng(7)
     w = make_weight(Q.Q4_1, 9, N_IN, rng)

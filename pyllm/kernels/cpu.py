@@ -14,7 +14,7 @@ from numba import njit, prange, types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
-from .qmatmul import get_rows, matmul, matmuls  # noqa: F401  (part of the backend interface)
+from .qmatmul import get_rows, matmul  # noqa: F401  (part of the backend interface)
 
 # fastmath without nnan/ninf: attention uses large negative sentinels and max() over scores (DESIGN: known traps)
 FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}

@@ -432,11 +432,6 @@ def matmul(w, x, *, path="auto"):
     return out
 
 
-def matmuls(ws, x, *, path="auto"):
-    """[matmul(w, x, path=path) for w in ws] (the CPU fuses them into one pass; here each is its own launch)."""
-    return [matmul(w, x, path=path) for w in ws]
-
-
 def get_rows(w, ids):
     """Dequantized rows W[ids]: [len(ids), n_in] (token embedding lookup)."""
     if isinstance(ids, np.ndarray):

@@ -123,9 +123,10 @@ def _f16(typingctx, a, off):
 # of 256.  A unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand) and the
 # weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus, for types with a min
 # (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), the mins that multiply activation sums: one per 32 values (per 16: Q2_K,
-# _MINS_PER_16).  Types stored as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by
-# flipping the top bit) need no such term: the integer dot starts from -offset * the activations' lane sums,
-# so it is sum((q - offset) * x) exactly.  Offsets of each field inside a block follow ggml-common.h.
+# _MINS_PER_16).  Types stored
+# as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by flipping the top bit) need no such
+# term: the integer dot starts from -offset * the activations' lane sums, so it is sum((q - offset) * x)
+# exactly.  Offsets of each field inside a block follow ggml-common.h.
 
 # Legacy 32-value blocks: (block bytes, offset of the 32-bit high-bit word or -1, offset of the quants,
 # offset of the fp16 min or -1, constant offset of the unsigned values: value = d * (q - offset) [+ m]).
@@ -356,7 +357,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
     w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); xdv f32 [pairs, T, 16] (each
     32 values' scale 8 times); xs i32 [pairs, T, 16] (-offset * the sum of the values of each lane, for the
     type's _OFFSETS); xm f32 [4 * pairs, T] (types with mins: scale * the sum of each 32 values, or 16 for
-    _MINS_PER_16; zero past them); res f32 [T].  (_act_buffers makes them, _quantize_act fills them.)
+    _MINS_PER_16; zero past them); res f32 [T].
+    (_act_buffers makes them, _quantize_act fills them.)
 
     Per 64 values the weights are unpacked once for a group of up to 8 activation rows, and each row costs
     one integer dot (vpdpbusd, starting from xs: the offsets), a convert, a multiply and an FMA into its own
@@ -526,22 +528,14 @@ def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, xs, out):
 
 
 @njit(parallel=True, cache=True)
-def _matmul_q8(qtype, ws, x, outs, n):
-    # outs[i] = x @ ws[i].T for the first n of the _FUSED matrices ws[i] u8 [n_out_i, row_bytes] (the tuples are
-    # padded by repeating, so one compiled kernel serves 1 to _FUSED); x f32 [T, n_in]; outs[i] f32 [T, n_out_i].
-    # The activations are quantized once and one parallel region covers the rows of all n.
+def _matmul_q8(qtype, w, x, out):
+    # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
     xq, xm, xdv, xs = _act_buffers(x.shape[0], x.shape[1])
     # a called function, not array expressions: under parallel=True each of those is one more parallel region
     _quantize_act(qtype, x, xq, xm, xdv, xs)
-    first = np.zeros(n + 1, np.int64)  # first task of each matrix; a task is _DOT_ROWS of its rows
-    for i in range(n):
-        first[i + 1] = first[i] + (ws[i].shape[0] + _DOT_ROWS - 1) // _DOT_ROWS
-    for c in prange(first[n]):
-        i = 0
-        while c >= first[i + 1]:
-            i += 1
-        r0, R = (c - first[i]) * _DOT_ROWS, ws[i].shape[0]
-        _dot_rows(qtype, ws[i], r0, min(r0 + _DOT_ROWS, R), xq, xm, xdv, xs, outs[i])
+    R = w.shape[0]
+    for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
+        _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xm, xdv, xs, out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -740,9 +734,6 @@ def _for_type(kernel, qtype: int, *args):
 _PATHS = ("auto", "int8", "float")
 
 
-_FUSED = 3  # matrices one _matmul_q8 call can take (q, k and v)
-
-
 def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: str = "auto") -> np.ndarray:
     """x @ W.T: x float32 [T, n_in] -> float32 [T, n_out] (written into `out` when given).
 
@@ -752,41 +743,18 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: st
     "auto" takes int8 below PREFILL_MIN_T rows, float from there (the faster one). Float weights always
     take the float path.
     """
-    x = _check_x(w, x)
-    if out is None:
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    elif out.shape != (x.shape[0], w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"matmul with '{w.name}': out must be a C-contiguous float32 [{x.shape[0]}, {w.shape[0]}]")
-    if uses_int8(w.qtype, x.shape[0], path):
-        _for_type(_matmul_q8, w.qtype, (_check(w),) * _FUSED, x, (out,) * _FUSED, 1)
-    else:
-        _for_type(_matmul_f32, w.qtype, _check(w), x, out)
-    return out
-
-
-def matmuls(ws, x: np.ndarray, *, path: str = "auto") -> list[np.ndarray]:
-    """[matmul(w, x, path=path) for w in ws], the same bits, in one pass when they can share it: matrices of one
-    quant type on the int8 path (a decode step's q, k, v and gate, up) quantize x once and split their rows
-    over the threads together, saving a kernel call, a quantization and a parallel region each."""
-    if not 1 < len(ws) <= _FUSED or len({w.qtype for w in ws}) > 1 or not uses_int8(ws[0].qtype, x.shape[0], path):
-        return [matmul(w, x, path=path) for w in ws]
-    x = _check_x(ws[0], x)
-    for w in ws[1:]:
-        _check_x(w, x)
-    outs = [np.empty((x.shape[0], w.shape[0]), np.float32) for w in ws]
-    pad = _FUSED - len(ws)
-    _for_type(_matmul_q8, ws[0].qtype, tuple(_check(w) for w in ws) + (_check(ws[0]),) * pad, x,
-              tuple(outs) + (outs[0],) * pad, len(ws))
-    return outs
-
-
-def _check_x(w: QTensor, x: np.ndarray) -> np.ndarray:
-    """x as the kernels take it for w: C-contiguous float32 [T, n_in]."""
-    if x.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"matmul with '{w.name}' {w.shape}: x has shape {x.shape}, expected [T, {w.shape[1]}]")
+    data = _check(w)
+    n_out, n_in = w.shape
+    if x.ndim != 2 or x.shape[1] != n_in:
+        raise ValueError(f"matmul with '{w.name}' {w.shape}: x has shape {x.shape}, expected [T, {n_in}]")
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
-    return x
+    if out is None:
+        out = np.empty((x.shape[0], n_out), np.float32)
+    elif out.shape != (x.shape[0], n_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"matmul with '{w.name}': out must be a C-contiguous float32 [{x.shape[0]}, {n_out}]")
+    _for_type(_matmul_q8 if uses_int8(w.qtype, x.shape[0], path) else _matmul_f32, w.qtype, data, x, out)
+    return out
 
 
 def uses_int8(qtype: int, T: int, path: str) -> bool:

@@ -109,9 +109,6 @@ class Transformer:
         def matmul(w, x):
             return k_.matmul(w, x, path=path)
 
-        def matmuls(*ws, x):  # several matrices of one input: one pass over them where the backend can
-            return k_.matmuls(ws, x, path=path)
-
         T = len(tokens)
         tokens, pos, slot = k_.upload_ints(tokens), k_.upload_ints(pos), k_.upload_ints(slot)
         x = k_.get_rows(self.token_embd, tokens)  # [T, d_model]
@@ -123,8 +120,9 @@ class Transformer:
         for il, L in enumerate(self.layers):
             # attention
             k_.rmsnorm(x, L["attn_norm.weight"], eps, h)
-            # q [T, n_heads * head_dim]; k, v [T, n_kv_heads * head_dim]
-            q, k, v = matmuls(L["attn_q.weight"], L["attn_k.weight"], L["attn_v.weight"], x=h)
+            q = matmul(L["attn_q.weight"], h)  # [T, n_heads * head_dim]
+            k = matmul(L["attn_k.weight"], h)  # [T, n_kv_heads * head_dim]
+            v = matmul(L["attn_v.weight"], h)  # [T, n_kv_heads * head_dim]
             if "attn_q.bias" in L:
                 k_.add(q, L["attn_q.bias"])
                 k_.add(k, L["attn_k.bias"])
@@ -143,7 +141,8 @@ class Transformer:
             k_.add(x, o)
             # feed-forward
             k_.rmsnorm(x, L["ffn_norm.weight"], eps, h)
-            gate, up = matmuls(L["ffn_gate.weight"], L["ffn_up.weight"], x=h)  # [T, n_ff] each
+            gate = matmul(L["ffn_gate.weight"], h)  # [T, n_ff]
+            up = matmul(L["ffn_up.weight"], h)  # [T, n_ff]
             (k_.gelu_mul if c.activation == "gelu" else k_.silu_mul)(gate, up)
             o = matmul(L["ffn_down.weight"], gate)  # [T, d_model]
             if "post_ffw_norm.weight" in L:
