@@ -190,3 +190,27 @@ def test_auto_picks_cpu_quietly_and_never_the_simulator():
     if _cuda_usable():
         pytest.skip("this machine has a usable GPU")
     assert get_backend("auto") is cpu
+
+
+@sim
+def test_kv_cache_copies_a_prefix_between_slots_on_the_device():
+    """pyllm batch copies a shared prompt start from one slot to another (KVCache.copy_prefix) on any backend."""
+    from types import SimpleNamespace
+
+    from numba import cuda as numba_cuda
+
+    from pyllm.kv_cache import KVCache
+
+    _, cuda = _cpu_and_cuda()
+    kv = KVCache(SimpleNamespace(n_layers=2, n_kv_heads=1, head_dim=4), 16, n_slots=2, backend=cuda)
+    rng = np.random.default_rng(9)
+    k, v = (rng.standard_normal((2, 2, 1, 16, 4)).astype(np.float16) for _ in range(2))  # [L, slots, H, ctx, D]
+    kv.k, kv.v = numba_cuda.to_device(k), numba_cuda.to_device(v)
+    kv.tokens = [[1, 2, 3, 4, 5], []]
+    kv.copy_prefix(0, 1, 3)
+    got_k, got_v = cuda.to_numpy(kv.k).view(np.float16), cuda.to_numpy(kv.v).view(np.float16)
+    np.testing.assert_array_equal(got_k[:, 1, :, :3], k[:, 0, :, :3])
+    np.testing.assert_array_equal(got_v[:, 1, :, :3], v[:, 0, :, :3])
+    np.testing.assert_array_equal(got_k[:, 1, :, 3:], k[:, 1, :, 3:])  # past the prefix: untouched
+    np.testing.assert_array_equal(got_k[:, 0], k[:, 0])
+    assert kv.tokens == [[1, 2, 3, 4, 5], [1, 2, 3]]
