@@ -123,10 +123,9 @@ def _f16(typingctx, a, off):
 # of 256.  A unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand) and the
 # weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus, for types with a min
 # (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), the mins that multiply activation sums: one per 32 values (per 16: Q2_K,
-# _MINS_PER_16).  Types stored
-# as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by flipping the top bit) need no such
-# term: the integer dot starts from -offset * the activations' lane sums, so it is sum((q - offset) * x)
-# exactly.  Offsets of each field inside a block follow ggml-common.h.
+# _MINS_PER_16).  Types stored as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by
+# flipping the top bit) need no such term: the integer dot starts from -offset * the activations' lane sums,
+# so it is sum((q - offset) * x) exactly.  Offsets of each field inside a block follow ggml-common.h.
 
 # Legacy 32-value blocks: (block bytes, offset of the 32-bit high-bit word or -1, offset of the quants,
 # offset of the fp16 min or -1, constant offset of the unsigned values: value = d * (q - offset) [+ m]).
@@ -202,7 +201,7 @@ class _Row:
 def _unit_block32(r, o, qtype, tail):
     """Two legacy blocks at byte o (tail: only the first exists; the second reads as zeros)."""
     b = r.builder
-    bs, qh_off, qs_off, m_off, offset = _BLOCK32[qtype]
+    bs, qh_off, qs_off, m_off, _ = _BLOCK32[qtype]  # the offset is in the activations' sums (_OFFSETS)
     blocks = [o] if tail else [o, r.at(o, bs)]
     if qtype == Q8_0:
         parts = [r.bytes(ob, qs_off, 32) for ob in blocks] + [ir.Constant(_vec(_i8, 32), [0x80] * 32)] * tail
@@ -357,8 +356,7 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
     w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); xdv f32 [pairs, T, 16] (each
     32 values' scale 8 times); xs i32 [pairs, T, 16] (-offset * the sum of the values of each lane, for the
     type's _OFFSETS); xm f32 [4 * pairs, T] (types with mins: scale * the sum of each 32 values, or 16 for
-    _MINS_PER_16; zero past them); res f32 [T].
-    (_act_buffers makes them, _quantize_act fills them.)
+    _MINS_PER_16; zero past them); res f32 [T].  (_act_buffers makes them, _quantize_act fills them.)
 
     Per 64 values the weights are unpacked once for a group of up to 8 activation rows, and each row costs
     one integer dot (vpdpbusd, starting from xs: the offsets), a convert, a multiply and an FMA into its own
@@ -405,6 +403,9 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
                                   ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
             pairs, mins = (_unit_block32(row, o, kind, tail) if legacy else _KQUANT_UNITS[kind](row, o, kind))
             if has_mins:  # each min times the activation sum of its 16 or 32 values, in the G rows at once
+                vgf = _vec(_f32t, len(rows))
+                fma_g = cgutils.get_or_insert_function(b.module, ir.FunctionType(vgf, [vgf] * 3),
+                                                       f"llvm.fma.v{len(rows)}f32")
                 for j in range(mins.type.count):
                     m = _pick(b, mins, [j] * len(rows))
                     i = b.add(b.mul(u, c64(mins.type.count)), c64(j))  # row i of xm: these values
@@ -423,13 +424,12 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
 
         t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
         for G in _GROUPS:
-            vgf = _vec(_f32t, G)
-            fma_g = cgutils.get_or_insert_function(b.module, ir.FunctionType(vgf, [vgf] * 3), f"llvm.fma.v{G}f32")
             with cgutils.for_range(b, b.udiv(b.sub(T, b.load(t)), c64(G))):
                 t0 = b.load(t)
                 rows = [b.add(t0, c64(g)) for g in range(G)]
                 acc = [cgutils.alloca_once_value(b, ir.Constant(v16f, None)) for _ in rows]  # mem2reg: registers
-                macc = [cgutils.alloca_once_value(b, ir.Constant(vgf, None)) for _ in range(2)]  # two FMA chains
+                # the mins' terms of the G rows, in two FMA chains
+                macc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_f32t, G), None)) for _ in range(2)]
                 with cgutils.for_range(b, n_units) as loop:
                     unit(loop.index, rows, acc, macc)
                 if legacy:  # an odd block count ends on a half pair
