@@ -110,19 +110,18 @@ class ContinuousBatch:
     def n_free(self) -> int:
         return self.cache.n_slots - len(self.running)
 
-    def _shared(self, prompt: list[int], slot: int) -> int:
-        """How many leading tokens of `prompt` the slot holds from a prefill."""
-        return min(self.cache.common_prefix(prompt, slot), self.n_prompt[slot])
-
-    def _take_prefix(self, prompt: list[int], slot: int) -> None:
-        """Leave in the slot the longest prefix of `prompt` that it or another slot holds from a prefill."""
-        n = {s: self._shared(prompt, s) for s in range(self.cache.n_slots)}
-        donor = max(n, key=lambda s: (n[s], s == slot))  # the slot itself on a tie: nothing to copy
+    def _place(self, prompt: list[int], free: list[int]) -> int:
+        """Pick the free slot sharing most of `prompt` and leave in it the longest prefix of the prompt that it
+        or any other slot holds from a prefill (copied from that slot); returns the slot."""
+        shared = [min(self.cache.common_prefix(prompt, s), self.n_prompt[s]) for s in range(self.cache.n_slots)]
+        slot = max(free, key=lambda s: shared[s])
+        donor = max(range(self.cache.n_slots), key=lambda s: (shared[s], s == slot))  # itself on a tie: no copy
         if donor == slot:
-            self.cache.trim(n[slot], slot)
+            self.cache.trim(shared[slot], slot)
         else:
-            self.cache.copy_prefix(donor, slot, n[donor])
-        self.n_prompt[slot] = n[donor]
+            self.cache.copy_prefix(donor, slot, shared[donor])
+        self.n_prompt[slot] = shared[donor]
+        return slot
 
     def add(self, requests: list[Request]) -> list[Result]:
         """Prefill requests (at most n_free) together, each into the free slot that shares most of its prompt
@@ -131,8 +130,7 @@ class ContinuousBatch:
         free = [s for s in range(self.cache.n_slots) if s not in self.running]
         over, joining, todo = [], [], []
         for request in requests:
-            slot = max(free, key=lambda s: self._shared(request.prompt, s))
-            self._take_prefix(request.prompt, slot)
+            slot = self._place(request.prompt, free)
             seq = _Sequence(self.model, self.cache, request, slot)
             try:
                 todo.append((slot, plan_prefill(self.model, self.cache, request.prompt, request.sampler, slot,
