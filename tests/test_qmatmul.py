@@ -1,5 +1,10 @@
 """Quantized kernels against gguf-py's reference dequantization, for every supported type."""
 
+import os
+import re
+import subprocess
+import sys
+
 import gguf
 import numba
 import numpy as np
@@ -141,28 +146,71 @@ def test_auto_path_switches_at_prefill_min_t():
         qmatmul.matmul(w, x, path="fast")
 
 
+# every integer-dot path this CPU can run: the host's own, and each one after it down to the portable IR
+RUNNABLE_ISAS = qmatmul.ISAS[qmatmul.ISAS.index(qmatmul.host_isa()):]
+ISA_MARKS = {"avx512vnni": r"vpdpbusd\t.*%zmm", "avxvnni": r"\{vex\}\tvpdpbusd", "avx2": "vpmaddubsw", "portable": None}
+
+
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
 @pytest.mark.parametrize("qtype", [t for t in TYPES if t not in (Q.F32, Q.F16, Q.BF16)], ids=lambda t: t.name)
-def test_portable_block_dots(qtype, monkeypatch):
-    """The IR compiled for CPUs without AVX-512 VNNI (the kernels above use vpdpbusd on this one)."""
-    monkeypatch.setattr(qmatmul, "_PORTABLE_IR", True)
+def test_block_dots_on_every_path(qtype, isa, monkeypatch):
+    """The IR of each instruction set this CPU runs (the kernels above use the host's best): int8 dots within
+    float rounding of float64, and every row the same alone or in a group (T = 1..9 through 8 + 1)."""
+    monkeypatch.setattr(qmatmul, "_FORCE_ISA", isa)
     code = int(qtype)  # a closure constant: numba sees it as a literal, as _row_dots requires
     row_dots = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(code, w, xq, xdv, xs, xm, res))  # uncached
-    quantize = numba.njit(lambda x, xq, xm, xdv, xs: qmatmul._quantize_act(code, x, xq, xm, xdv, xs))
+    quantize_act = numba.njit(qmatmul._quantize_act.py_func)  # uncached: numba's cache does not key on the path
+    quantize = numba.njit(lambda x, xq, xm, xdv, xs: quantize_act(code, x, xq, xm, xdv, xs))
     rng = np.random.default_rng(5)
     n_in = N_IN + 32 if GGML_QUANT_SIZES[qtype][0] == 32 else N_IN  # legacy: an odd block count, a half pair
-    w = make_weight(qtype, 3, n_in, rng)
-    x = rng.standard_normal((2, n_in)).astype(np.float32)
-    xq, xm, xdv, xs = qmatmul._act_buffers(2, n_in)
-    quantize(x, xq, xm, xdv, xs)  # portable lanes of the offsets too
-    res = np.empty(2, np.float32)
-    y = []
-    for r in range(3):
-        row_dots(w.data[r], xq, xdv, xs, xm, res)
-        y.append(res.copy())
-    y = np.array(y).T  # [2, 3]
+    w = make_weight(qtype, 3, n_in, rng, raw=True)  # every byte: Q8_0's -128 meets +-127 (int16 pairs hold)
+    x = rng.standard_normal((9, n_in)).astype(np.float32)
+    x[3] *= 1e3  # rows of very different scales
+
+    def dots(x):
+        xq, xm, xdv, xs = qmatmul._act_buffers(len(x), n_in)
+        quantize(x, xq, xm, xdv, xs)  # the path's lanes of the offsets too
+        res = np.empty(len(x), np.float32)
+        y = []
+        for r in range(3):
+            row_dots(w.data[r], xq, xdv, xs, xm, res)
+            y.append(res.copy())
+        return np.array(y).T  # [T, 3]
+
+    y = dots(x)
+    asm = row_dots.inspect_asm(row_dots.signatures[0])
+    for other, mark in ISA_MARKS.items():
+        if mark:
+            assert bool(re.search(mark, asm)) == (other == isa), (other, isa)
     wref = reference(w).astype(np.float64)
-    assert "vpdpbusd" not in row_dots.inspect_asm(row_dots.signatures[0])
     assert np.all(np.abs(y - int8_blocks(x)[0] @ wref.T) <= 1e-5 * (np.abs(x) @ np.abs(wref).T))
+    assert np.array_equal(y, np.concatenate([dots(x[t:t + 1]) for t in range(9)]))
+
+
+AVXVNNI_COMPILE = """
+import numba, re
+from numba import types as t
+from pyllm.kernels import qmatmul
+assert qmatmul.host_isa() == "avxvnni", qmatmul.host_isa()
+f = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(12, w, xq, xdv, xs, xm, res))
+a = lambda dt, nd: t.Array(dt, nd, "C")
+sig = (a(t.uint8, 1), a(t.int8, 3), a(t.float32, 3), a(t.int32, 3), a(t.float32, 2), a(t.float32, 1))
+f.compile(sig)
+asm = f.inspect_asm(sig)
+print(len(re.findall(r"\\{vex\\}\\tvpdpbusd\\t.*%ymm", asm)), asm.count("%zmm"))
+"""
+
+
+def test_avx_vnni_path_compiles(tmp_path):
+    """AVX-VNNI (256-bit vpdpbusd, Alder Lake, Zen 5) compiled for such a CPU here, without running it: an
+    AVX2 feature string plus avxvnni, as NUMBA_CPU_NAME / NUMBA_CPU_FEATURES would be set to measure one."""
+    features = "+64bit,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+avxvnni,-avx512f,-avx512vl,-avx512vnni"
+    env = {**os.environ, "NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": features,
+           "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", AVXVNNI_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    vex_dots, zmm = map(int, out.stdout.split())
+    assert vex_dots >= 8 and zmm == 0
 
 
 def test_matmul_writes_out_and_checks_shape():

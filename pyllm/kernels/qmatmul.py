@@ -4,7 +4,8 @@ matmul(w, x, path=...) = x @ W.T with W still in its GGUF encoding, two ways, pi
 that a row's result never depends on how many rows share the call:
 - "int8" (decode steps): x is quantized to int8 blocks of 32 (one float scale each), as llama.cpp does, and
   every 64 weights are unpacked once to unsigned bytes and dotted with up to 8 activation rows by integer
-  SIMD (vpdpbusd on AVX-512 VNNI), each row keeping 16 float partial sums in a vector across the whole row
+  SIMD (vpdpbusd on AVX-512 VNNI and AVX-VNNI, vpmaddubsw + vpmaddwd on AVX2: _pair_dots, the one primitive
+  that differs per instruction set), each row keeping 16 float partial sums in a vector across the whole row
   (one horizontal sum per row, not per block). Every type, legacy or K-quant, goes through that one loop
   (_row_dots); a T=8 step costs ~2.5x a T=1 step, which is what makes batched decoding pay.
 - "float" (prompt processing): each thread dequantizes 16 rows to a small float32 tile and multiplies it with
@@ -15,7 +16,7 @@ that a row's result never depends on how many rows share the call:
 numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
 after unrolling the 16-32 wide inner loop, vectorizes across blocks with byte gathers), so the block dots are
 written as LLVM vector IR through numba intrinsics: generic IR that LLVM lowers to the host's best
-instructions, plus the VNNI instruction itself where numba compiles for a CPU that has it. Each kernel is
+instructions, plus the x86 byte-dot instructions themselves for the CPU numba compiles for (ISAS). Each kernel is
 compiled per quant type (_for_type), so a model compiles and loads only the types it has.
 Speed per type and shape: bench/bench_qmatmul.py.
 """
@@ -67,12 +68,6 @@ def _vec(t, n):
 def _load_ptr(builder, data, off, n):
     """Unaligned load of n bytes at data[off] (a byte pointer) as <n x i8>."""
     return builder.load(builder.bitcast(builder.gep(data, [off]), _vec(_i8, n).as_pointer()), align=1)
-
-
-def _udot(builder, q, xv):
-    """<n x i32> products of unsigned bytes q and signed bytes xv (the vpdpbusd pattern)."""
-    v = _vec(_i32, q.type.count)
-    return builder.mul(builder.zext(q, v), builder.sext(xv, v), flags=["nsw"])
 
 
 @intrinsic
@@ -198,14 +193,17 @@ class _Row:
         return _f16_value(self.builder, self.data, self.at(o, k))
 
 
-def _unit_block32(r, o, qtype, tail):
-    """Two legacy blocks at byte o (tail: only the first exists; the second reads as zeros)."""
+def _unit_block32(r, o, qtype, tail, signed=False):
+    """Two legacy blocks at byte o (tail: only the first exists; the second reads as zeros); Q8_0's bytes
+    as they are with `signed` (_signed_weights), else flipped to unsigned."""
     b = r.builder
     bs, qh_off, qs_off, m_off, _ = _BLOCK32[qtype]  # the offset is in the activations' sums (_OFFSETS)
     blocks = [o] if tail else [o, r.at(o, bs)]
     if qtype == Q8_0:
-        parts = [r.bytes(ob, qs_off, 32) for ob in blocks] + [ir.Constant(_vec(_i8, 32), [0x80] * 32)] * tail
-        q = b.xor(_cat(b, *parts), ir.Constant(_vec(_i8, 64), [0x80] * 64))
+        parts = [r.bytes(ob, qs_off, 32) for ob in blocks] + [ir.Constant(_vec(_i8, 32), None)] * tail
+        q = _cat(b, *parts)
+        if not signed:
+            q = b.xor(q, ir.Constant(_vec(_i8, 64), [0x80] * 64))
     else:  # 16 bytes of nibbles per block: low nibbles are values 0-15, high nibbles 16-31
         parts = [r.bytes(ob, qs_off, 16) for ob in blocks] + [ir.Constant(_vec(_i8, 16), None)] * tail
         nib = _cat(b, *parts)
@@ -303,21 +301,54 @@ def _unit_q2_k(r, o, qtype):
 _KQUANT_UNITS = {Q2_K: _unit_q2_k, Q3_K: _unit_q3_k, Q4_K: _unit_q4_k, Q5_K: _unit_q4_k, Q6_K: _unit_q6_k}
 
 
-def _lane_values(i, vnni):
-    """The 4 of 64 values whose products lane i of _pair_dots sums (one 16 and one 32-value block either way)."""
-    return [4 * i + k for k in range(4)] if vnni else [16 * (i // 4) + 4 * k + i % 4 for k in range(4)]
+def _lane_values(i, isa):
+    """The 4 of 64 values whose products lane i of _pair_dots sums (one 16 and one 32-value block either way):
+    4i..4i+3 on every x86 path (vpdpbusd's lanes; vpmaddubsw + vpmaddwd sum the same four)."""
+    return [4 * i + k for k in range(4)] if isa != "portable" else [16 * (i // 4) + 4 * k + i % 4 for k in range(4)]
 
 
-def _pair_dots(builder, q, xv, vnni, start):
-    """<16 x i32> start + partial sums of 64 unsigned x signed byte products, lane i summing the values
-    _lane_values(i) (vpdpbusd's lanes; the portable IR's differ, with the same totals per 16)."""
-    v16i = _vec(_i32, 16)
-    if vnni:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3), "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [start, builder.bitcast(q, v16i), builder.bitcast(xv, v16i)])
-    prod = _udot(builder, q, xv)  # portable: LLVM picks the instructions
-    parts = [_pick(builder, prod, [_lane_values(i, False)[k] for i in range(16)]) for k in range(4)]
-    return builder.add(builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])), start)
+def _signed_weights(kind, isa):
+    """Whether the unit hands _pair_dots Q8_0's signed bytes as they are, rather than flipped to q = w + 128:
+    vpmaddubsw adds two u8 x s8 products in int16, which 2 * 255 * 127 overflows, so AVX2 takes llama.cpp's
+    sign trick instead (|w| times x with w's sign: 2 * 128 * 127 fits)."""
+    return kind == Q8_0 and isa == "avx2"
+
+
+def _offset(kind, isa):
+    """The constant the unit's unsigned values carry (value = scale * (q - offset)), 0 if none."""
+    return 0 if _signed_weights(kind, isa) else _OFFSETS.get(kind, 0)
+
+
+def _x86(builder, name, ret, *args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
+
+
+def _pair_dots(builder, q, xv, isa, start, signed=False):
+    """<16 x i32> start + partial sums of 64 unsigned x signed byte products (q signed too with `signed`), lane
+    i summing the values _lane_values(i).  The one primitive that differs per instruction set."""
+    b = builder
+    v16i, v8i, v16s, v32b = _vec(_i32, 16), _vec(_i32, 8), _vec(_i16, 16), _vec(_i8, 32)
+    if isa == "avx512vnni":
+        return _x86(b, "llvm.x86.avx512.vpdpbusd.512", v16i, start, b.bitcast(q, v16i), b.bitcast(xv, v16i))
+    if isa in ("avxvnni", "avx2"):  # two 256-bit halves
+        halves = []
+        for h in range(2):
+            qh, xh = (_pick(b, v, list(range(32 * h, 32 * h + 32))) for v in (q, xv))
+            sh = _pick(b, start, list(range(8 * h, 8 * h + 8)))
+            if isa == "avxvnni":
+                halves.append(_x86(b, "llvm.x86.avx512.vpdpbusd.256", v8i, sh, b.bitcast(qh, v8i), b.bitcast(xh, v8i)))
+                continue
+            if signed:
+                xh = _x86(b, "llvm.x86.avx2.psign.b", v32b, xh, qh)
+                qh = _x86(b, "llvm.abs.v32i8", v32b, qh, ir.Constant(ir.IntType(1), 0))
+            pairs = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", v16s, qh, xh)  # no overflow: q <= 128 or q*x small
+            halves.append(b.add(_x86(b, "llvm.x86.avx2.pmadd.wd", v8i, pairs, ir.Constant(v16s, [1] * 16)), sh))
+        return _cat(b, *halves)
+    v64i = _vec(_i32, 64)  # portable: LLVM picks the instructions
+    prod = b.mul(b.sext(q, v64i) if signed else b.zext(q, v64i), b.sext(xv, v64i), flags=["nsw"])
+    parts = [_pick(b, prod, [_lane_values(i, isa)[k] for i in range(16)]) for k in range(4)]
+    return b.add(b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3])), start)
 
 
 def _row_sums(builder, vecs):
@@ -340,13 +371,35 @@ def _row_sums(builder, vecs):
     return vecs[0]
 
 
-_PORTABLE_IR = False  # tests set it to compile the portable IR on a VNNI machine
+# The integer-dot paths, best first.  The CPU numba compiles for (and keys its cache on, not necessarily this
+# machine: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) picks one; only _pair_dots and _lane_values differ between them.
+ISAS = ("avx512vnni", "avxvnni", "avx2", "portable")
+_FORCE_ISA = None  # tests set a later one of ISAS to compile that path on this CPU
 
 
-def _use_vnni(context):
-    # the CPU numba compiles for (and keys its cache on), not necessarily this machine
-    features = context.codegen()._get_host_cpu_features()
-    return not _PORTABLE_IR and "+avx512vnni" in features and "+avx512f" in features
+def _isa(context):
+    return isa_for(context.codegen()._get_host_cpu_features())
+
+
+def isa_for(features: str) -> str:
+    """The integer-dot path for an LLVM feature string ("+avx2,-avx512f,...")."""
+    has = set(features.split(","))
+    if {"+avx512vnni", "+avx512f"} <= has:
+        best = "avx512vnni"
+    elif "+avxvnni" in has:
+        best = "avxvnni"
+    elif "+avx2" in has:
+        best = "avx2"
+    else:
+        best = "portable"
+    return _FORCE_ISA if _FORCE_ISA and ISAS.index(_FORCE_ISA) > ISAS.index(best) else best
+
+
+def host_isa() -> str:
+    """The integer-dot path the kernels compile to here."""
+    from numba.core.registry import cpu_target
+
+    return isa_for(cpu_target.target_context.codegen()._get_host_cpu_features())
 
 
 @intrinsic(prefer_literal=True)
@@ -373,7 +426,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
         kind = sig.args[0].literal_value
         legacy, has_mins = kind in _BLOCK32, kind not in _OFFSETS
         unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
-        vnni = _use_vnni(context)
+        isa = _isa(context)
+        offset, signed = _offset(kind, isa), _signed_weights(kind, isa)
         b = builder
         c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
         v16f = _vec(_f32t, 16)
@@ -401,7 +455,7 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
             for k in range(0, unit_bytes, 64):  # (read, keep in all caches, data); past the end is harmless
                 b.call(prefetch, [b.gep(row.data, [b.add(o, c64(_PREFETCH_BYTES + k))]), ir.Constant(_i32, 0),
                                   ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-            pairs, mins = (_unit_block32(row, o, kind, tail) if legacy else _KQUANT_UNITS[kind](row, o, kind))
+            pairs, mins = (_unit_block32(row, o, kind, tail, signed) if legacy else _KQUANT_UNITS[kind](row, o, kind))
             if has_mins:  # each min times the activation sum of its 16 or 32 values, in the G rows at once
                 vgf = _vec(_f32t, len(rows))
                 fma_g = cgutils.get_or_insert_function(b.module, ir.FunctionType(vgf, [vgf] * 3),
@@ -417,9 +471,9 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
                     k = b.add(b.mul(p, T), tg)  # [pair, row] of xq, xdv and xs
                     xv = _load_ptr(b, xq_ary.data, b.mul(k, c64(64)), 64)
                     sv = b.load(vec_at(xdv_ary.data, b.mul(k, c64(16)), v16f), align=4)
-                    start = (b.load(vec_at(xs_data, b.mul(k, c64(16)), v16i), align=4) if not has_mins
+                    start = (b.load(vec_at(xs_data, b.mul(k, c64(16)), v16i), align=4) if offset
                              else ir.Constant(v16i, None))
-                    dots = b.sitofp(_pair_dots(b, q, xv, vnni, start), v16f)
+                    dots = b.sitofp(_pair_dots(b, q, xv, isa, start, signed), v16f)
                     b.store(b.call(fma, [dots, b.fmul(dv, sv), b.load(acc[g])]), acc[g])
 
         t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
@@ -473,12 +527,13 @@ def _quantize_block(typingctx, qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs):
         b.store(b.trunc(q, _vec(_i8, 32)), b.bitcast(b.gep(pq, [qo]), _vec(_i8, 32).as_pointer()), align=1)
         dv = _pick(b, b.insert_element(ir.Constant(_vec(_f32t, 1), None), d, ir.Constant(_i32, 0)), [0] * 8)
         b.store(dv, b.bitcast(b.gep(pd, [do]), dv.type.as_pointer()), align=4)
+        isa = _isa(context)
         if kind in _OFFSETS:
-            vnni = _use_vnni(context)  # the lanes of a block are 8 of a pair's 16, the values 32 on in the second
-            parts = [_pick(b, q, [_lane_values(j, vnni)[k] for j in range(8)]) for k in range(4)]
-            lanes = b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3]))  # <8 x i32>
-            b.store(b.mul(lanes, ir.Constant(lanes.type, [-_OFFSETS[kind]] * 8)),
-                    b.bitcast(b.gep(ps, [do]), lanes.type.as_pointer()), align=4)
+            if _offset(kind, isa):  # the lanes of a block are 8 of a pair's 16, the values 32 on in the second
+                parts = [_pick(b, q, [_lane_values(j, isa)[k] for j in range(8)]) for k in range(4)]
+                lanes = b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3]))  # <8 x i32>
+                b.store(b.mul(lanes, ir.Constant(lanes.type, [-_offset(kind, isa)] * 8)),
+                        b.bitcast(b.gep(ps, [do]), lanes.type.as_pointer()), align=4)
         else:
             width = 16 if kind in _MINS_PER_16 else 32
             add = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [_vec(_i32, width)]),
