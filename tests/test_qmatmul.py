@@ -71,12 +71,14 @@ def test_get_rows(qtype):
         qmatmul.get_rows(w, np.array([11]))
 
 
-def int8_blocks(x):
-    """x rounded as the int8 kernel rounds it: blocks of 32, step amax/127. Returns (rounded x, half step) [T, n_in]."""
-    amax = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2, keepdims=True)
+def int8_blocks(x, qtype):
+    """x rounded as the int8 kernel rounds it for weights of qtype: blocks of 32 (256 for K-quants), step
+    amax/127. Returns (rounded x, half step) [T, n_in]."""
+    n = qmatmul.act_block(qtype)
+    amax = np.abs(x).reshape(x.shape[0], -1, n).max(axis=2, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    xq = np.rint(x.reshape(amax.shape[0], -1, 32) * inv) * (amax.astype(np.float64) / 127)
-    return xq.reshape(x.shape), np.repeat(amax[..., 0].astype(np.float64) / 254, 32, axis=1)
+    xq = np.rint(x.reshape(amax.shape[0], -1, n) * inv) * (amax.astype(np.float64) / 127)
+    return xq.reshape(x.shape), np.repeat(amax[..., 0].astype(np.float64) / 254, n, axis=1)
 
 
 @pytest.mark.parametrize("path", ["int8", "float"])
@@ -96,7 +98,7 @@ def test_matmul(qtype, n_out, T, path):
     if path == "float" or qtype in (Q.F32, Q.F16, Q.BF16):
         assert np.all(np.abs(y - exact) <= roundoff)
         return
-    xq, half_step = int8_blocks(x)
+    xq, half_step = int8_blocks(x, qtype)
     # within what int8 activations can cost at worst ...
     assert np.all(np.abs(y - exact) <= half_step @ np.abs(wref).T + roundoff)
     # ... and exactly what they cost: a wrong offset or bit in one block shows here
@@ -129,7 +131,7 @@ def test_int8_block_pairs_with_an_odd_block_count(qtype, n_in):
     y = qmatmul.matmul(w, x, path="int8")
     wref = reference(w).astype(np.float64)
     roundoff = 1e-5 * (np.abs(x.astype(np.float64)) @ np.abs(wref).T)
-    assert np.all(np.abs(y - int8_blocks(x)[0] @ wref.T) <= roundoff)
+    assert np.all(np.abs(y - int8_blocks(x, qtype)[0] @ wref.T) <= roundoff)
     alone = np.concatenate([qmatmul.matmul(w, x[t:t + 1], path="int8") for t in range(9)])
     assert np.array_equal(y, alone)
 
@@ -183,7 +185,7 @@ def test_block_dots_on_every_path(qtype, isa, monkeypatch):
         if mark:
             assert bool(re.search(mark, asm)) == (other == isa), (other, isa)
     wref = reference(w).astype(np.float64)
-    assert np.all(np.abs(y - int8_blocks(x)[0] @ wref.T) <= 1e-5 * (np.abs(x) @ np.abs(wref).T))
+    assert np.all(np.abs(y - int8_blocks(x, qtype)[0] @ wref.T) <= 1e-5 * (np.abs(x) @ np.abs(wref).T))
     assert np.array_equal(y, np.concatenate([dots(x[t:t + 1]) for t in range(9)]))
 
 
@@ -192,7 +194,7 @@ import numba, re
 from numba import types as t
 from pyllm.kernels import qmatmul
 assert qmatmul.host_isa() == "avxvnni", qmatmul.host_isa()
-f = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(12, w, xq, xdv, xs, xm, res))
+f = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(2, w, xq, xdv, xs, xm, res))  # Q4_0
 a = lambda dt, nd: t.Array(dt, nd, "C")
 sig = (a(t.uint8, 1), a(t.int8, 3), a(t.float32, 3), a(t.int32, 3), a(t.float32, 2), a(t.float32, 1))
 f.compile(sig)

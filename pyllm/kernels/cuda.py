@@ -18,7 +18,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from ..errors import UnsupportedError
 from ..quants import block_size, type_name, type_size
-from .qmatmul import uses_int8
+from .qmatmul import act_block, uses_int8
 
 with warnings.catch_warnings():  # importing must stay silent on machines without CUDA
     warnings.simplefilter("ignore")
@@ -195,17 +195,18 @@ def _matmul(qtype, block_len, w, x, out, n_split):
 
 
 @cuda.jit
-def _round_act(x, out):
-    """out = x rounded as the CPU's int8 activation blocks: per 32 values, scale amax/127.  x, out: [T, n]."""
-    n_groups = x.shape[1] // 32
+def _round_act(x, out, block):
+    """out = x rounded as the CPU's int8 activation blocks: per `block` values (qmatmul.act_block), scale
+    amax/127.  x, out: [T, n]."""
+    n_groups = x.shape[1] // block
     for job in range(cuda.grid(1), x.shape[0] * n_groups, cuda.gridsize(1)):
-        t, o = job // n_groups, job % n_groups * 32
+        t, o = job // n_groups, job % n_groups * block
         amax = np.float32(0)
-        for j in range(32):
+        for j in range(block):
             amax = max(amax, abs(x[t, o + j]))
         d = amax / np.float32(127)
         inv = np.float32(127) / amax if amax > 0 else np.float32(0)
-        for j in range(32):
+        for j in range(block):
             out[t, o + j] = d * _rint(x[t, o + j] * inv)
 
 
@@ -422,7 +423,8 @@ def matmul(w, x, *, path="auto"):
         raise ValueError(f"matmul with '{w.name}' {w.shape}: x has shape {x.shape}, expected [T, {n_in}]")
     if uses_int8(w.qtype, T, path):
         rounded = empty(x.shape)
-        _launch(_round_act, T * n_in // 32, x, rounded)
+        block = act_block(w.qtype)
+        _launch(_round_act, T * n_in // block, x, rounded, block)
         x = rounded
     out = zeros((T, n_out), np.float32)
     n_blocks = w.data.shape[0]

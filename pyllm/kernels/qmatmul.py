@@ -115,12 +115,13 @@ def _f16(typingctx, a, off):
 # The int8 path: one weight row against up to 8 quantized activation rows at a time, 64 values per step.
 #
 # Every type is read as "units" of whole blocks: a pair of legacy 32-value blocks, or one K-quant super-block
-# of 256.  A unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand) and the
-# weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus, for types with a min
-# (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), the mins that multiply activation sums: one per 32 values (per 16: Q2_K,
-# _MINS_PER_16).  Types stored as q - offset (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by
-# flipping the top bit) need no such term: the integer dot starts from -offset * the activations' lane sums,
-# so it is sum((q - offset) * x) exactly.  Offsets of each field inside a block follow ggml-common.h.
+# of 256.  A legacy unit yields, for each 64 values, the unsigned bytes q (<64 x i8>, the vpdpbusd operand)
+# and the weight scale of every 4 of them (<16 x float>: the lanes of vpdpbusd's sums), plus, for types with a
+# min (Q4_1, Q5_1), the mins that multiply activation sums, one per 32 values.  Types stored as q - offset
+# (_OFFSETS; Q8_0's signed bytes are read as q = w + 128 by flipping the top bit) need no such term: the
+# integer dot starts from -offset * the activations' lane sums, so it is sum((q - offset) * x) exactly.
+# K-quants meet activations quantized per 256 values (llama.cpp's Q8_K), so their sub-block scales stay
+# integers through the whole super-block (_KUnit).  Offsets of each field inside a block follow ggml-common.h.
 
 # Legacy 32-value blocks: (block bytes, offset of the 32-bit high-bit word or -1, offset of the quants,
 # offset of the fp16 min or -1, constant offset of the unsigned values: value = d * (q - offset) [+ m]).
@@ -129,7 +130,6 @@ _BLOCK32 = {Q8_0: (34, -1, 2, -1, 128), Q4_0: (18, -1, 2, -1, 8), Q4_1: (20, -1,
 _KQUANT_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 values
 # the types whose values are scale * (q - offset), q unsigned as unpacked
 _OFFSETS = {**{t: v[4] for t, v in _BLOCK32.items() if v[4]}, Q6_K: 32, Q3_K: 4}
-_MINS_PER_16 = (Q2_K,)  # the other types with mins have one per 32 values
 
 # Activation rows that share one unpacked unit, largest first: T=13 runs as 8 + 4 + 1.
 _GROUPS = (8, 4, 2, 1)
@@ -224,16 +224,34 @@ def _unit_block32(r, o, qtype, tail, signed=False):
     return [(q, dvec)], (_pick(b, dm, [1, 3]) if m_off >= 0 else None)
 
 
+class _KUnit:
+    """What a K-quant super-block gives _row_dots: for each 64 values, the unsigned bytes q and the integer
+    scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots); the integer scale of each 16 values
+    (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types with mins), and the
+    float factors d (of the scales) and dmin (of the mins): value = d * scale * (q - offset) - dmin * min."""
+
+    def __init__(self, pairs, d, group_scales=None, mins=None, dmin=None):
+        self.pairs, self.d, self.group_scales, self.mins, self.dmin = pairs, d, group_scales, mins, dmin
+
+
+def _widen16(builder, v, signed=False):
+    t = _vec(_i16, v.type.count)
+    return builder.sext(v, t) if signed else builder.zext(v, t)
+
+
+def _lane_scales(builder, scales16, first):
+    """<16 x i16> scale of each 4 of 64 values from per-16 scales scales16[first..first+3]."""
+    return _pick(builder, scales16, [first + i // 4 for i in range(16)])
+
+
 def _unit_q4_k(r, o, qtype):
     """Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; nibbles of sub-blocks 2p and 2p+1 share 32
     bytes (low, high); Q5_K's bit 4 of sub-block j is bit j of the 32 bytes at 16."""
     b = r.builder
     s = r.bytes(o, 4, 12)  # get_scale_min_k4, all 8 at once
     lo4, mid4, hi4 = (_pick(b, s, list(range(k, k + 4))) for k in (0, 4, 8))
-    sc = _cat(b, _bits(b, lo4, 0, 63), b.or_(_bits(b, hi4, 0, 15), _shl(b, _bits(b, lo4, 6, 3), 4)))
-    mn = _cat(b, _bits(b, mid4, 0, 63), b.or_(_bits(b, hi4, 4, 15), _shl(b, _bits(b, mid4, 6, 3), 4)))
-    scales = _floats(b, sc, r.f16(o, 0))  # <8 x float>, one per 32 values
-    mins = _floats(b, mn, b.fneg(r.f16(o, 2)))
+    sc = _widen16(b, _cat(b, _bits(b, lo4, 0, 63), b.or_(_bits(b, hi4, 0, 15), _shl(b, _bits(b, lo4, 6, 3), 4))))
+    mn = _widen16(b, _cat(b, _bits(b, mid4, 0, 63), b.or_(_bits(b, hi4, 4, 15), _shl(b, _bits(b, mid4, 6, 3), 4))))
     qs_off = 48 if qtype == Q5_K else 16
     qh = r.bytes(o, 16, 32) if qtype == Q5_K else None
     pairs = []
@@ -243,23 +261,23 @@ def _unit_q4_k(r, o, qtype):
         if qh is not None:
             lo = b.or_(lo, _shl(b, _bits(b, qh, 2 * p, 1), 4))
             hi = b.or_(hi, _shl(b, _bits(b, qh, 2 * p + 1, 1), 4))
-        pairs.append((_cat(b, lo, hi), _pick(b, scales, [2 * p] * 8 + [2 * p + 1] * 8)))
-    return pairs, mins
+        pairs.append((_cat(b, lo, hi), _pick(b, sc, [2 * p] * 8 + [2 * p + 1] * 8)))
+    return _KUnit(pairs, r.f16(o, 0), mins=_pick(b, mn, [j // 2 for j in range(16)]), dmin=r.f16(o, 2))
 
 
 def _unit_q6_k(r, o, qtype):
     """Q6_K: value = 4 low bits (128 bytes at 0) | 2 high bits (64 bytes at 128) << 4, minus 32; a signed
     8-bit scale per 16 values (at 192), fp16 d at 208."""
     b = r.builder
-    scales = _floats(b, r.bytes(o, 192, 16), r.f16(o, 208), signed=True)  # <16 x float>
+    scales = _widen16(b, r.bytes(o, 192, 16), signed=True)
     pairs = []
     for n in range(2):
         ql, qh = r.bytes(o, 64 * n, 64), r.bytes(o, 128 + 32 * n, 32)
         for jj in range(2):
             hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
             q = b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4))
-            pairs.append((q, _per_lane(b, scales, 8 * n + 4 * jj)))
-    return pairs, None
+            pairs.append((q, _lane_scales(b, scales, 8 * n + 4 * jj)))
+    return _KUnit(pairs, r.f16(o, 208), group_scales=scales)
 
 
 def _unit_q3_k(r, o, qtype):
@@ -270,8 +288,7 @@ def _unit_q3_k(r, o, qtype):
     lo8 = _pick(b, s, list(range(8)))
     sc = b.or_(_cat(b, _bits(b, lo8, 0, 15), _bits(b, lo8, 4, 15)),
                _shl(b, _bits(b, _pick(b, s, [8, 9, 10, 11] * 4), [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4, 3), 4))
-    sc = b.sub(sc, ir.Constant(_vec(_i8, 16), [32] * 16))
-    scales = _floats(b, sc, r.f16(o, 108), signed=True)
+    scales = _widen16(b, b.sub(sc, ir.Constant(_vec(_i8, 16), [32] * 16)), signed=True)
     hm = r.bytes(o, 0, 32)
     pairs = []
     for p in range(4):
@@ -279,8 +296,8 @@ def _unit_q3_k(r, o, qtype):
         qs = r.bytes(o, 32 + 32 * n, 32)
         lo = _cat(b, _bits(b, qs, 2 * j, 3), _bits(b, qs, 2 * j + 2, 3))
         hb = _cat(b, _bits(b, hm, 4 * n + j, 1), _bits(b, hm, 4 * n + j + 1, 1))
-        pairs.append((b.or_(lo, _shl(b, hb, 2)), _per_lane(b, scales, 4 * p)))
-    return pairs, None
+        pairs.append((b.or_(lo, _shl(b, hb, 2)), _lane_scales(b, scales, 4 * p)))
+    return _KUnit(pairs, r.f16(o, 108), group_scales=scales)
 
 
 def _unit_q2_k(r, o, qtype):
@@ -288,14 +305,13 @@ def _unit_q2_k(r, o, qtype):
     dmin at 80, 82."""
     b = r.builder
     s = r.bytes(o, 0, 16)
-    scales = _floats(b, _bits(b, s, 0, 15), r.f16(o, 80))
-    mins = _floats(b, _bits(b, s, 4, 15), b.fneg(r.f16(o, 82)))
+    scales, mins = _widen16(b, _bits(b, s, 0, 15)), _widen16(b, _bits(b, s, 4, 15))
     pairs = []
     for p in range(4):
         qs = r.bytes(o, 16 + 32 * (p // 2), 32)
         q = _cat(b, _bits(b, qs, 2 * ((2 * p) % 4), 3), _bits(b, qs, 2 * ((2 * p + 1) % 4), 3))
-        pairs.append((q, _per_lane(b, scales, 4 * p)))
-    return pairs, mins
+        pairs.append((q, _lane_scales(b, scales, 4 * p)))
+    return _KUnit(pairs, r.f16(o, 80), mins=mins, dmin=r.f16(o, 82))
 
 
 _KQUANT_UNITS = {Q2_K: _unit_q2_k, Q3_K: _unit_q3_k, Q4_K: _unit_q4_k, Q5_K: _unit_q4_k, Q6_K: _unit_q6_k}
@@ -349,6 +365,38 @@ def _pair_dots(builder, q, xv, isa, start, signed=False):
     prod = b.mul(b.sext(q, v64i) if signed else b.zext(q, v64i), b.sext(xv, v64i), flags=["nsw"])
     parts = [_pick(b, prod, [_lane_values(i, isa)[k] for i in range(16)]) for k in range(4)]
     return b.add(b.add(b.add(parts[0], parts[1]), b.add(parts[2], parts[3])), start)
+
+
+def _scaled_dots(builder, q, xv, lane_scales, isa):
+    """<8 x i32>: lane i = the sum, over the values 4i..4i+3 and 32+4i..32+4i+3 of 64, of scale * q * x, with q
+    unsigned bytes below 64 (so that vpmaddubsw's int16 pairs cannot overflow), x signed bytes and
+    lane_scales <16 x i16> the integer scale of each 4 values.  Exact in int32 for a whole K-quant super-block."""
+    b = builder
+    v8i, v16s, v32b = _vec(_i32, 8), _vec(_i16, 16), _vec(_i8, 32)
+    if isa == "portable":
+        v64i = _vec(_i32, 64)
+        prod = b.mul(b.mul(b.zext(q, v64i), b.sext(xv, v64i)), b.sext(_pick(b, lane_scales, [i // 4 for i in range(64)]), v64i))
+        parts = [_pick(b, prod, [32 * h + 4 * i + k for i in range(8)]) for h in range(2) for k in range(4)]
+        while len(parts) > 1:
+            parts = [b.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        return parts[0]
+    # every x86 path has AVX2: vpmaddubsw (u8 x s8 pairs -> i16), vpmaddwd (i16 pairs x scales -> i32)
+    halves = []
+    for h in range(2):
+        qh, xh = (_pick(b, v, list(range(32 * h, 32 * h + 32))) for v in (q, xv))
+        pairs = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", v16s, qh, xh)
+        halves.append(_x86(b, "llvm.x86.avx2.pmadd.wd", v8i, pairs, _pick(b, lane_scales, [8 * h + k // 2 for k in range(16)])))
+    return b.add(halves[0], halves[1])
+
+
+def _scaled_sums(builder, a, c, isa):
+    """<8 x i32>: lane i = a[2i] * c[2i] + a[2i+1] * c[2i+1] for a, c <16 x i16> (vpmaddwd)."""
+    b = builder
+    if isa == "portable":
+        v16i = _vec(_i32, 16)
+        prod = b.mul(b.sext(a, v16i), b.sext(c, v16i))
+        return b.add(_pick(b, prod, list(range(0, 16, 2))), _pick(b, prod, list(range(1, 16, 2))))
+    return _x86(b, "llvm.x86.avx2.pmadd.wd", _vec(_i32, 8), a, c)
 
 
 def _row_sums(builder, vecs):
@@ -406,17 +454,23 @@ def host_isa() -> str:
 def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
     """res[t] = dot of one weight row of a quantized type with activation row t.
 
-    w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); xdv f32 [pairs, T, 16] (each
-    32 values' scale 8 times); xs i32 [pairs, T, 16] (-offset * the sum of the values of each lane, for the
-    type's _OFFSETS); xm f32 [4 * pairs, T] (types with mins: scale * the sum of each 32 values, or 16 for
-    _MINS_PER_16; zero past them); res f32 [T].  (_act_buffers makes them, _quantize_act fills them.)
+    w u8 [row_bytes]; xq i8 [pairs, T, 64] (pairs = ceil(n / 64), zero past n); res f32 [T]; and per family
+    (act_block: _act_buffers makes them, _quantize_act fills them):
+    - legacy types (blocks of 32): xdv f32 [pairs, T, 16] (each 32 values' scale 8 times); xs i32 [pairs, T,
+      16] (-offset * the sum of the values of each lane, for the type's _OFFSETS); xm f32 [4 * pairs, T]
+      (types with mins: scale * the sum of each 32 values; zero past them).
+    - K-quants (activations in blocks of 256, llama.cpp's Q8_K): for super-block u, xdv[4u, t, :8] its scale
+      8 times and xs[4u, t, :8] the sums of each 16 values as <16 x i16>.
 
-    Per 64 values the weights are unpacked once for a group of up to 8 activation rows, and each row costs
-    one integer dot (vpdpbusd, starting from xs: the offsets), a convert, a multiply and an FMA into its own
-    vector of 16 float partial sums: no horizontal sum per block (llama.cpp's layout).  A weight min meets
-    the activation sums of its values in the group's rows at once (a vector of G lanes, one per row, from xm's
-    row-minor layout), added after the horizontal sums.  Every row gets the same instructions in whichever
-    group it falls, and no fast-math flags: res[t] does not depend on T.
+    Per 64 values the weights are unpacked once for a group of up to 8 activation rows.  A legacy row costs
+    one integer dot (_pair_dots, starting from xs: the offsets), a convert, a multiply and an FMA into its own
+    vector of 16 float partial sums: no horizontal sum per block (llama.cpp's layout); a weight min meets the
+    activation sums of its values in the group's rows at once (a vector of G lanes, one per row, from xm's
+    row-minor layout), added after the horizontal sums.  A K-quant row costs one scaled integer dot
+    (_scaled_dots: the sub-block scales are integers) into an int32 sum per super-block, which then meets the
+    float scales once, with its offsets or mins (integer dots of the scales or mins with the activation sums
+    of each 16).  Every row gets the same instructions in whichever group it falls, and no fast-math flags:
+    res[t] does not depend on T.
     """
     if not isinstance(qtype, types.IntegerLiteral) or qtype.literal_value not in (*_BLOCK32, *_KQUANT_BYTES):
         return None
@@ -430,8 +484,9 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
         offset, signed = _offset(kind, isa), _signed_weights(kind, isa)
         b = builder
         c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
-        v16f = _vec(_f32t, 16)
+        v16f, v8f, v8i, v16s = _vec(_f32t, 16), _vec(_f32t, 8), _vec(_i32, 8), _vec(_i16, 16)
         fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+        fma8 = cgutils.get_or_insert_function(b.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
         row = _Row(context, b, sig.args[1], w)
         row_bytes = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, w).shape)[0]
         n_blocks = b.udiv(row_bytes, c64(unit_bytes // 2 if legacy else unit_bytes))
@@ -450,13 +505,16 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
         prefetch = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
                                                   "llvm.prefetch.p0i8")
 
-        def unit(u, rows, acc, macc, tail=False):
-            o = b.mul(u, c64(unit_bytes))
+        def prefetch_unit(o):
             for k in range(0, unit_bytes, 64):  # (read, keep in all caches, data); past the end is harmless
                 b.call(prefetch, [b.gep(row.data, [b.add(o, c64(_PREFETCH_BYTES + k))]), ir.Constant(_i32, 0),
                                   ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-            pairs, mins = (_unit_block32(row, o, kind, tail, signed) if legacy else _KQUANT_UNITS[kind](row, o, kind))
-            if has_mins:  # each min times the activation sum of its 16 or 32 values, in the G rows at once
+
+        def unit(u, rows, acc, macc, tail=False):
+            o = b.mul(u, c64(unit_bytes))
+            prefetch_unit(o)
+            pairs, mins = _unit_block32(row, o, kind, tail, signed)
+            if has_mins:  # each min times the activation sum of its 32 values, in the G rows at once
                 vgf = _vec(_f32t, len(rows))
                 fma_g = cgutils.get_or_insert_function(b.module, ir.FunctionType(vgf, [vgf] * 3),
                                                        f"llvm.fma.v{len(rows)}f32")
@@ -476,22 +534,49 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
                     dots = b.sitofp(_pair_dots(b, q, xv, isa, start, signed), v16f)
                     b.store(b.call(fma, [dots, b.fmul(dv, sv), b.load(acc[g])]), acc[g])
 
+        def kunit(u, rows, acc, macc, tail=False):
+            o = b.mul(u, c64(unit_bytes))
+            prefetch_unit(o)
+            ku = _KQUANT_UNITS[kind](row, o, kind)
+            isums = [ir.Constant(v8i, None)] * len(rows)
+            for i, (q, lane_scales) in enumerate(ku.pairs):
+                p = b.add(b.mul(u, c64(4)), c64(i))  # these 64 values: pair p of the activations
+                for g, tg in enumerate(rows):
+                    xv = _load_ptr(b, xq_ary.data, b.mul(b.add(b.mul(p, T), tg), c64(64)), 64)
+                    isums[g] = b.add(isums[g], _scaled_dots(b, q, xv, lane_scales, isa))
+            for g, tg in enumerate(rows):
+                k = b.mul(b.add(b.mul(b.mul(u, c64(4)), T), tg), c64(16))  # [4u, row] of xdv and xs
+                sums16 = b.load(b.bitcast(b.gep(xs_data, [k]), v16s.as_pointer()), align=4)  # of each 16 values
+                isum = isums[g]
+                if offset:
+                    isum = b.add(isum, b.mul(_scaled_sums(b, ku.group_scales, sums16, isa), ir.Constant(v8i, [-offset] * 8)))
+                dx = b.load(vec_at(xdv_ary.data, k, v8f), align=4)  # the activations' scale, 8 times
+                b.store(b.call(fma8, [b.sitofp(isum, v8f), _times(b, dx, ku.d), b.load(acc[g])]), acc[g])
+                if ku.mins is not None:
+                    msum = b.sitofp(_scaled_sums(b, ku.mins, sums16, isa), v8f)
+                    b.store(b.call(fma8, [msum, _times(b, dx, b.fneg(ku.dmin)), b.load(macc[g])]), macc[g])
+
         t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
         for G in _GROUPS:
             with cgutils.for_range(b, b.udiv(b.sub(T, b.load(t)), c64(G))):
                 t0 = b.load(t)
                 rows = [b.add(t0, c64(g)) for g in range(G)]
-                acc = [cgutils.alloca_once_value(b, ir.Constant(v16f, None)) for _ in rows]  # mem2reg: registers
-                # the mins' terms of the G rows, in two FMA chains
-                macc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_f32t, G), None)) for _ in range(2)]
+                # per row, float partial sums (mem2reg: registers); the mins' terms: legacy, of the G rows in
+                # two FMA chains; K-quants, a vector per row
+                acc = [cgutils.alloca_once_value(b, ir.Constant(v16f if legacy else v8f, None)) for _ in rows]
+                macc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_f32t, G) if legacy else v8f, None))
+                        for _ in (range(2) if legacy else rows)]
                 with cgutils.for_range(b, n_units) as loop:
-                    unit(loop.index, rows, acc, macc)
+                    (unit if legacy else kunit)(loop.index, rows, acc, macc)
                 if legacy:  # an odd block count ends on a half pair
                     with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
                         unit(n_units, rows, acc, macc, tail=True)
-                sums = _row_sums(b, [b.load(a) for a in acc])  # <G x float>
-                if has_mins:
-                    sums = b.fadd(sums, b.fadd(b.load(macc[0]), b.load(macc[1])))
+                    sums = _row_sums(b, [b.load(a) for a in acc])  # <G x float>
+                    if has_mins:
+                        sums = b.fadd(sums, b.fadd(b.load(macc[0]), b.load(macc[1])))
+                else:
+                    sums = _row_sums(b, [b.fadd(b.load(a), b.load(m)) if has_mins else b.load(a)
+                                         for a, m in zip(acc, macc)])
                 b.store(sums, vec_at(res_data, t0, sums.type), align=4)
                 b.store(b.add(t0, c64(G)), t)
         return context.get_dummy_value()
@@ -502,10 +587,10 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
 @intrinsic(prefer_literal=True)
 def _quantize_block(typingctx, qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs):
     """One block of 32 activations x.flat[xo:xo+32] (block blk of row t) -> int8 xq.flat[qo:qo+32] with scale
-    d = max|x| / 127, xdv.flat[do:do+8] = d, what the quant type's dots need of their sums: xs.flat[do:do+8] =
-    -offset * the sum of each lane's values (_lane_values, as _row_dots's integer dots see them) for _OFFSETS,
-    xm[blk, t] = d * their sum for types with mins per 32, xm[2 blk + h, t] = d * the sum of each 16 for
-    _MINS_PER_16.  |x| is compared as integers (the order of floats, NaN the largest: a NaN comes out)."""
+    d = max|x| / 127, xdv.flat[do:do+8] = d, what the (legacy) quant type's dots need of their sums:
+    xs.flat[do:do+8] = -offset * the sum of each lane's values (_lane_values, as _row_dots's integer dots see
+    them) for _OFFSETS, xm[blk, t] = d * their sum for types with mins.  |x| is compared as integers (the
+    order of floats, NaN the largest: a NaN comes out)."""
     if not isinstance(qtype, types.IntegerLiteral):
         return None
 
@@ -515,15 +600,7 @@ def _quantize_block(typingctx, qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs):
         px, pq, pm, pd, ps = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (1, 3, 5, 8, 10))
         xo, qo, blk, t, do = args[2], args[4], args[6], args[7], args[9]
         xm_T = cgutils.unpack_tuple(b, context.make_array(sig.args[5])(context, b, args[5]).shape)[1]
-        v32f, v32i = _vec(_f32t, 32), _vec(_i32, 32)
-        v = b.load(b.bitcast(b.gep(px, [xo]), v32f.as_pointer()), align=4)
-        umax = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [v32i]), "llvm.vector.reduce.umax.v32i32")
-        amax = b.bitcast(b.call(umax, [b.and_(b.bitcast(v, v32i), ir.Constant(v32i, [0x7FFFFFFF] * 32))]), _f32t)
-        d = b.fdiv(amax, ir.Constant(_f32t, 127.0))
-        inv = b.select(b.fcmp_ordered(">", amax, ir.Constant(_f32t, 0.0)), b.fdiv(ir.Constant(_f32t, 127.0), amax),
-                       ir.Constant(_f32t, 0.0))
-        rint = cgutils.get_or_insert_function(b.module, ir.FunctionType(v32f, [v32f]), "llvm.rint.v32f32")
-        q = b.fptosi(b.call(rint, [_times(b, v, inv)]), v32i)  # round half to even
+        q, d = _round_int8(b, px, xo, 32)
         b.store(b.trunc(q, _vec(_i8, 32)), b.bitcast(b.gep(pq, [qo]), _vec(_i8, 32).as_pointer()), align=1)
         dv = _pick(b, b.insert_element(ir.Constant(_vec(_f32t, 1), None), d, ir.Constant(_i32, 0)), [0] * 8)
         b.store(dv, b.bitcast(b.gep(pd, [do]), dv.type.as_pointer()), align=4)
@@ -535,25 +612,70 @@ def _quantize_block(typingctx, qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs):
                 b.store(b.mul(lanes, ir.Constant(lanes.type, [-_offset(kind, isa)] * 8)),
                         b.bitcast(b.gep(ps, [do]), lanes.type.as_pointer()), align=4)
         else:
-            width = 16 if kind in _MINS_PER_16 else 32
-            add = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [_vec(_i32, width)]),
-                                                 f"llvm.vector.reduce.add.v{width}i32")
-            for h in range(32 // width):
-                s = b.sitofp(b.call(add, [_pick(b, q, list(range(width * h, width * h + width)))]), _f32t)
-                row = b.add(b.mul(blk, ir.Constant(_i64, 32 // width)), ir.Constant(_i64, h))
-                b.store(b.fmul(d, s), b.gep(pm, [b.add(b.mul(row, xm_T), t)]))
+            add = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [_vec(_i32, 32)]),
+                                                 "llvm.vector.reduce.add.v32i32")
+            b.store(b.fmul(d, b.sitofp(b.call(add, [q]), _f32t)), b.gep(pm, [b.add(b.mul(blk, xm_T), t)]))
         return context.get_dummy_value()
 
     return types.none(qtype, x, xo, xq, qo, xm, blk, t, xdv, do, xs), codegen
 
 
+def _round_int8(b, px, xo, n):
+    """(<n x i32> q, d): the n floats at px[xo] as round(x / d), d = max|x| / 127 (q = 0 where all are 0)."""
+    vf, vi = _vec(_f32t, n), _vec(_i32, n)
+    v = b.load(b.bitcast(b.gep(px, [xo]), vf.as_pointer()), align=4)
+    umax = cgutils.get_or_insert_function(b.module, ir.FunctionType(_i32, [vi]), f"llvm.vector.reduce.umax.v{n}i32")
+    amax = b.bitcast(b.call(umax, [b.and_(b.bitcast(v, vi), ir.Constant(vi, [0x7FFFFFFF] * n))]), _f32t)
+    d = b.fdiv(amax, ir.Constant(_f32t, 127.0))
+    inv = b.select(b.fcmp_ordered(">", amax, ir.Constant(_f32t, 0.0)), b.fdiv(ir.Constant(_f32t, 127.0), amax),
+                   ir.Constant(_f32t, 0.0))
+    rint = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf]), f"llvm.rint.v{n}f32")
+    return b.fptosi(b.call(rint, [_times(b, v, inv)]), vi), d  # round half to even
+
+
+@intrinsic
+def _quantize_superblock(typingctx, x, xo, xq, xdv, xs, u, t):
+    """256 activations x.flat[xo:xo+256] (super-block u of row t), for K-quant weights as llama.cpp's Q8_K:
+    int8 with one scale d = max|x| / 127 -> xq[4u..4u+3, t, :]; xdv[4u, t, :8] = d; xs[4u, t, :8] = the sums
+    of each 16 values as <16 x i16> (|sum| <= 16 * 127)."""
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        px, pq, pd, ps = (context.make_array(sig.args[i])(context, b, args[i]).data for i in (0, 2, 3, 4))
+        xo, u, t = args[1], args[5], args[6]
+        T = cgutils.unpack_tuple(b, context.make_array(sig.args[2])(context, b, args[2]).shape)[1]
+        q, d = _round_int8(b, px, xo, 256)
+        q8 = b.trunc(q, _vec(_i8, 256))
+        c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+        first = b.add(b.mul(b.mul(u, c64(4)), T), t)  # [4u, t]
+        for p in range(4):
+            at = b.mul(b.add(first, b.mul(c64(p), T)), c64(64))
+            b.store(_pick(b, q8, list(range(64 * p, 64 * p + 64))), b.bitcast(b.gep(pq, [at]), _vec(_i8, 64).as_pointer()), align=1)
+        dv = _pick(b, b.insert_element(ir.Constant(_vec(_f32t, 1), None), d, ir.Constant(_i32, 0)), [0] * 8)
+        b.store(dv, b.bitcast(b.gep(pd, [b.mul(first, c64(16))]), dv.type.as_pointer()), align=4)
+        parts = [_pick(b, q, [16 * j + k for j in range(16)]) for k in range(16)]  # parts[k][j] = q[16 j + k]
+        while len(parts) > 1:
+            parts = [b.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        sums = b.trunc(parts[0], _vec(_i16, 16))
+        b.store(sums, b.bitcast(b.gep(ps, [b.mul(first, c64(16))]), sums.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(x, xo, xq, xdv, xs, u, t), codegen
+
+
 @njit(cache=True)
 def _quantize_act(qtype, x, xq, xm, xdv, xs):
-    # x f32 [T, n] -> int8 blocks of 32 with one scale d each, pair-major (the 8 rows a weight pair meets lie
-    # together, at constant offsets): xq i8 [pairs, T, 64]; xdv f32 [pairs, T, 16] = each block's d 8 times;
-    # and the sums the weights of qtype (a literal) need: xs i32 [pairs, T, 16], -offset * each lane's sum of
-    # xq; or xm f32 [4 * pairs, T], d * the sum of each 32 (or 16) values.  Padding is left untouched.
+    # x f32 [T, n] -> int8 blocks of act_block(qtype) values (qtype a literal) with one scale d each,
+    # pair-major (the 8 rows a weight pair meets lie together, at constant offsets): xq i8 [pairs, T, 64]
+    # and, for blocks of 32, xdv f32 [pairs, T, 16] = each block's d 8 times and the sums the weights of
+    # qtype need: xs i32 [pairs, T, 16], -offset * each lane's sum of xq; or xm f32 [4 * pairs, T], d * the
+    # sum of each 32 values.  Blocks of 256: _quantize_superblock.  Padding is left untouched.
     T, n = x.shape
+    if qtype >= Q2_K and qtype <= Q6_K:  # K-quants (a literal: the other branch folds away)
+        for t in range(T):
+            for u in range(n // 256):
+                _quantize_superblock(x, t * n + 256 * u, xq, xdv, xs, u, t)
+        return
     for t in range(T):
         for b in range(n // 32):
             p, h = b // 2, b % 2
@@ -810,6 +932,12 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: st
         raise ValueError(f"matmul with '{w.name}': out must be a C-contiguous float32 [{x.shape[0]}, {n_out}]")
     _for_type(_matmul_q8 if uses_int8(w.qtype, x.shape[0], path) else _matmul_f32, w.qtype, data, x, out)
     return out
+
+
+def act_block(qtype: int) -> int:
+    """How many activations share one int8 scale on the int8 path for weights of qtype: 256 for K-quants
+    (llama.cpp's Q8_K), else 32."""
+    return 256 if qtype in _KQUANT_BYTES else 32
 
 
 def uses_int8(qtype: int, T: int, path: str) -> bool:
