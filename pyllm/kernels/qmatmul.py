@@ -9,7 +9,7 @@ that a row's result never depends on how many rows share the call:
   (one horizontal sum per row, not per block). Every type, legacy or K-quant, goes through that one loop
   (_row_dots); a T=8 step costs ~2.5x a T=1 step, which is what makes batched decoding pay.
 - "float" (prompt processing): each thread dequantizes 16 rows to a small float32 tile and multiplies it with
-  all T activations in a register-blocked float loop (4 rows x 4 tokens). Compute-bound; measured faster than
+  all T activations in a register-blocked float loop (4 rows x 2 tokens). Compute-bound; measured faster than
   numpy/OpenBLAS on this 2-core machine, whose OpenBLAS threads stall under load.
 - "auto": int8 below PREFILL_MIN_T rows, float from there.
 
@@ -847,11 +847,12 @@ def _matmul_f32(qtype, w, x, out):
         for t0 in range(0, T, _TILE_TOKENS):  # keeps this slice of x in L2 while all 16 rows use it
             for i in range(0, nr, 4):
                 w0, w1, w2, w3 = tile[i], tile[i + 1], tile[i + 2], tile[i + 3]
-                for t in range(t0, min(t0 + _TILE_TOKENS, T), 4):
-                    # 4 rows x 4 tokens: 8 loads feed 16 FMAs; tail tokens repeat the last one, unwritten
-                    xa, xb, xc, xe = x[t], x[min(t + 1, T - 1)], x[min(t + 2, T - 1)], x[min(t + 3, T - 1)]
+                for t in range(t0, min(t0 + _TILE_TOKENS, T), 2):
+                    # 4 rows x 2 tokens: 6 loads feed 8 FMAs, whose 8 accumulators (vectors of 8 or 16 once
+                    # LLVM vectorizes along j) fit AVX2's 16 registers with the loads (4 x 4 spilled 6 of 16
+                    # there); a tail token repeats the last one, unwritten
+                    xa, xb = x[t], x[min(t + 1, T - 1)]
                     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-                    c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = np.float32(0.0)
                     for j in range(n):
                         p, q, s, u = w0[j], w1[j], w2[j], w3[j]
                         v = xa[j]
@@ -864,18 +865,8 @@ def _matmul_f32(qtype, w, x, out):
                         b1 += v * q
                         b2 += v * s
                         b3 += v * u
-                        v = xc[j]
-                        c0 += v * p
-                        c1 += v * q
-                        c2 += v * s
-                        c3 += v * u
-                        v = xe[j]
-                        e0 += v * p
-                        e1 += v * q
-                        e2 += v * s
-                        e3 += v * u
-                    acc = ((a0, a1, a2, a3), (b0, b1, b2, b3), (c0, c1, c2, c3), (e0, e1, e2, e3))  # [token][row]
-                    for k in range(min(4, T - t)):
+                    acc = ((a0, a1, a2, a3), (b0, b1, b2, b3))  # [token][row]
+                    for k in range(min(2, T - t)):
                         for m in range(min(4, nr - i)):
                             out[t + k, r0 + i + m] = acc[k][m]
 
