@@ -22,39 +22,6 @@ import numpy as np
 
 
 
-def read_bandwidth() -> float:
-    """Bytes/s this machine streams from memory with the benchmark's threads (best of 5 passes over 1 GB):
-    generation reads every weight once per token, so this bounds its tokens/s."""
-    from numba import njit, prange
-
-    @njit(parallel=True)
-    def checksum(a):
-        total = 0
-        for i in prange(a.size):
-            total += a[i]
-        return total
-
-    data = np.ones(1 << 27, dtype=np.int64)  # 1 GiB, far larger than any cache
-    checksum(data)
-    best = min(_timed(checksum, data) for _ in range(5))
-    return data.nbytes / best
-
-
-def _timed(f, *args) -> float:
-    t0 = time.perf_counter()
-    f(*args)
-    return time.perf_counter() - t0
-
-
-def weight_bytes_per_token(model) -> int:
-    """Bytes a decode step reads: every matrix once (the output matrix too), the embedding only one row."""
-    tr = model.transformer
-    total = tr.output.data.nbytes
-    for layer in tr.layers:
-        total += sum(w.data.nbytes for w in layer.values() if hasattr(w, "qtype"))
-    return total
-
-
 def time_pyllm(model, kind: str, tokens: list[int]) -> float:
     cache = model.new_cache(len(tokens) + 8)
     t0 = time.perf_counter()
@@ -140,6 +107,7 @@ def main():
 
     import pyllm
     from pyllm import registry
+    from pyllm.cli.bench import read_bandwidth, weight_bytes_per_token
 
     numba.set_num_threads(args.threads)
     bandwidth = read_bandwidth()

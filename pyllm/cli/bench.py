@@ -22,6 +22,37 @@ def _ints(text: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def read_bandwidth() -> float:
+    """Bytes/s this machine streams from memory with numba's threads (best of 5 passes over 1 GiB, far more
+    than any cache): generation reads every weight once per token, so this bounds its tokens/s."""
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def checksum(a):
+        total = 0
+        for i in prange(a.size):
+            total += a[i]
+        return total
+
+    data = np.ones(1 << 27, dtype=np.int64)
+    checksum(data)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        checksum(data)
+        best = min(best, time.perf_counter() - t0)
+    return data.nbytes / best
+
+
+def weight_bytes_per_token(m) -> int:
+    """Bytes of weights a decoding step reads: every matrix once (the output matrix too), one embedding row."""
+    tr = m.transformer
+    total = tr.output.data.nbytes
+    for layer in tr.layers:
+        total += sum(w.data.nbytes for w in layer.values() if hasattr(w, "qtype"))
+    return total
+
+
 def bench_model(m, pp: list[int], tg: list[int], reps: int, kv_type: str) -> list[dict]:
     """Median and spread of tokens/s for each test, llama-bench style: ppN evaluates N prompt tokens in a fresh
     context; tgN generates N tokens one at a time from an empty context."""
@@ -73,16 +104,27 @@ def bench(
     ttft = time.perf_counter() - t0
     results = bench_model(m, _ints(n_prompt), _ints(n_gen), max(1, reps), kv_type)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bandwidth = read_bandwidth() if any(r["test"].startswith("tg") for r in results) else None
+    per_token = weight_bytes_per_token(m)
+    for r in results:
+        if r["test"].startswith("tg"):  # how close generation comes to streaming the weights at memory speed
+            r["weights_gb_s"] = round(r["tokens_per_s"] * per_token / 1e9, 2)
     info = {"model": Path(m.path).name, "arch": m.config.arch, "size_mb": round(m.gguf.file_size / 2**20, 1),
             "threads": numba.get_num_threads(), "kv_type": kv_type, "load_s": round(load_s, 3),
-            "first_token_s": round(ttft, 3), "peak_rss_mb": round(rss_mb, 1), "results": results}
+            "first_token_s": round(ttft, 3), "peak_rss_mb": round(rss_mb, 1),
+            "weight_bytes_per_token": per_token,
+            "read_bandwidth_gb_s": None if bandwidth is None else round(bandwidth / 1e9, 2), "results": results}
     if output == "json":
         print(json.dumps(info, indent=2))
         return
-    print("| model | size | threads | test | t/s |\n|---|---|---|---|---|")
+    print("| model | size | threads | test | t/s | weights GB/s |\n|---|---|---|---|---|---|")
     for r in results:
+        gbs = f"{r['weights_gb_s']:.1f}" if "weights_gb_s" in r else ""
         print(f"| {info['model']} | {info['size_mb']} MiB | {info['threads']} | {r['test']} | "
-              f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f} |")
+              f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f} | {gbs} |")
+    if bandwidth is not None:
+        print(f"\nweights read per generated token {per_token / 1e6:.0f} MB; this machine streams "
+              f"{bandwidth / 1e9:.1f} GB/s from memory with {info['threads']} threads")
     print(f"\nload {load_s:.2f} s, first token {ttft:.2f} s (short prompt, kernels loaded from cache), "
           f"peak RSS {rss_mb:.0f} MB")
 
