@@ -136,6 +136,16 @@ def test_int8_block_pairs_with_an_odd_block_count(qtype, n_in):
     assert np.array_equal(y, alone)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16], ids=lambda t: t.name)
+def test_prefill_path_is_int8_for_q4_k_and_q5_k_only(qtype):
+    rng = np.random.default_rng(9)
+    w = make_weight(qtype, 9, N_IN, rng)
+    x = rng.standard_normal((20, N_IN)).astype(np.float32)
+    expected = "int8" if qtype in (Q.Q4_K, Q.Q5_K) else "float"
+    assert qmatmul.uses_int8(qtype, 20, "prefill") == (expected == "int8")
+    assert np.array_equal(qmatmul.matmul(w, x, path="prefill"), qmatmul.matmul(w, x, path=expected))
+
+
 def test_auto_path_switches_at_prefill_min_t():
     rng = np.random.default_rng(7)
     w = make_weight(Q.Q4_1, 9, N_IN, rng)
@@ -169,15 +179,16 @@ def test_block_dots_on_every_path(qtype, isa, monkeypatch):
     x = rng.standard_normal((9, n_in)).astype(np.float32)
     x[3] *= 1e3  # rows of very different scales
 
-    def dots(x):
+    def dots(x):  # [T, 3], a block of up to 8 activation rows at a time, as _matmul_q8 takes them
         xq, xm, xdv, xs = qmatmul._act_buffers(len(x), n_in)
-        quantize(x, xq, xm, xdv, xs)  # the path's lanes of the offsets too
-        res = np.empty(len(x), np.float32)
         y = []
-        for r in range(3):
-            row_dots(w.data[r], xq, xdv, xs, xm, res)
-            y.append(res.copy())
-        return np.array(y).T  # [T, 3]
+        for k in range(len(xq)):
+            block = x[8 * k:8 * k + 8]
+            quantize(block, xq[k], xm[k], xdv[k], xs[k])  # the path's lanes of the offsets too
+            res = np.empty(len(block), np.float32)
+            y.append(np.array([row_dots(w.data[r], xq[k], xdv[k], xs[k], xm[k], res) or res.copy()
+                               for r in range(3)]).T)
+        return np.concatenate(y)
 
     y = dots(x)
     asm = row_dots.inspect_asm(row_dots.signatures[0])

@@ -2,15 +2,19 @@
 
 matmul(w, x, path=...) = x @ W.T with W still in its GGUF encoding, two ways, picked by the caller's role so
 that a row's result never depends on how many rows share the call:
-- "int8" (decode steps): x is quantized to int8 blocks of 32 (one float scale each), as llama.cpp does, and
-  every 64 weights are unpacked once to unsigned bytes and dotted with up to 8 activation rows by integer
-  SIMD (vpdpbusd on AVX-512 VNNI and AVX-VNNI, vpmaddubsw + vpmaddwd on AVX2: _pair_dots, the one primitive
-  that differs per instruction set), each row keeping 16 float partial sums in a vector across the whole row
-  (one horizontal sum per row, not per block). Every type, legacy or K-quant, goes through that one loop
-  (_row_dots); a T=8 step costs ~2.5x a T=1 step, which is what makes batched decoding pay.
-- "float" (prompt processing): each thread dequantizes 16 rows to a small float32 tile and multiplies it with
-  all T activations in a register-blocked float loop (4 rows x 2 tokens). Compute-bound; measured faster than
-  numpy/OpenBLAS on this 2-core machine, whose OpenBLAS threads stall under load.
+- "int8" (decode steps): x is quantized to int8 blocks of 32 (256 for K-quants: llama.cpp's Q8_0 and Q8_K),
+  and every 64 weights are unpacked once to unsigned bytes and dotted with up to 8 activation rows by
+  integer SIMD (vpdpbusd on AVX-512 VNNI and AVX-VNNI, vpmaddubsw + vpmaddwd on AVX2: _pair_dots and
+  _scaled_dots, the primitives that differ per instruction set).  Every type, legacy or K-quant, goes
+  through that one loop (_row_dots); a T=8 step costs ~2.5-4x a T=1 step, which is what makes batched
+  decoding pay.
+- "float": each thread dequantizes 16 rows to a small float32 tile and multiplies it with all T activations
+  in a register-blocked float loop (4 rows x 2 tokens). Compute-bound; measured faster than numpy/OpenBLAS on
+  this 2-core machine, whose OpenBLAS threads stall under load.
+- "prefill" (prompt processing): int8 for Q4_K and Q5_K, float tiles for the other types: the faster of
+  the two for long prompts where llama.cpp's logits stay as close (AVX2: int8 is 1.3x faster for K-quants,
+  float tiles 3-7% for legacy types; Q6_K on int8 too took Gemma 3's largest teacher-forced |dlogit| against
+  llama.cpp from 1.15 to 1.82, Q4_K alone to 1.22).
 - "auto": int8 below PREFILL_MIN_T rows, float from there.
 
 numba does not vectorize the per-block integer dot products on its own (it widens small ints to int64 and,
@@ -47,6 +51,7 @@ _FM = {"contract", "reassoc", "arcp", "afn", "nsz"}
 
 _TILE_ROWS = 16  # rows dequantized per float tile (a multiple of 4, the register block)
 _TILE_TOKENS = 64  # activation rows per pass over a tile
+_TILE_SPAN = 1024  # values of a row per pass: 4 tile rows and 2 activation rows of it fill 24 KB of L1
 _DOT_ROWS = 8  # rows per task of the int8 kernel
 # The int8 kernel asks for the weight bytes this far ahead of those it reads (its own row, then the next ones of
 # its task): the hardware prefetcher alone left a single-sequence decode step waiting on memory (SmolLM2
@@ -133,6 +138,7 @@ _OFFSETS = {**{t: v[4] for t, v in _BLOCK32.items() if v[4]}, Q6_K: 32, Q3_K: 4}
 
 # Activation rows that share one unpacked unit, largest first: T=13 runs as 8 + 4 + 1.
 _GROUPS = (8, 4, 2, 1)
+_BLOCK_ROWS = _GROUPS[0]  # activation rows quantized into one contiguous block (_act_buffers)
 
 _f32t = ir.FloatType()
 
@@ -225,13 +231,15 @@ def _unit_block32(r, o, qtype, tail, signed=False):
 
 
 class _KUnit:
-    """What a K-quant super-block gives _row_dots: for each 64 values, the unsigned bytes q and the integer
-    scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots); the integer scale of each 16 values
-    (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types with mins), and the
-    float factors d (of the scales) and dmin (of the mins): value = d * scale * (q - offset) - dmin * min."""
+    """What a K-quant super-block gives _row_dots: pair(p) emits, for the values 64p..64p+63, the unsigned
+    bytes q and the integer scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots), called just
+    before they are used (all four unpacked up front kept ~16 AVX2 registers live: spills); the integer scale
+    of each 16 values (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types
+    with mins), and the float factors d (of the scales) and dmin (of the mins): value = d * scale * (q -
+    offset) - dmin * min."""
 
-    def __init__(self, pairs, d, group_scales=None, mins=None, dmin=None):
-        self.pairs, self.d, self.group_scales, self.mins, self.dmin = pairs, d, group_scales, mins, dmin
+    def __init__(self, pair, d, group_scales=None, mins=None, dmin=None):
+        self.pair, self.d, self.group_scales, self.mins, self.dmin = pair, d, group_scales, mins, dmin
 
 
 def _widen16(builder, v, signed=False):
@@ -253,16 +261,16 @@ def _unit_q4_k(r, o, qtype):
     sc = _widen16(b, _cat(b, _bits(b, lo4, 0, 63), b.or_(_bits(b, hi4, 0, 15), _shl(b, _bits(b, lo4, 6, 3), 4))))
     mn = _widen16(b, _cat(b, _bits(b, mid4, 0, 63), b.or_(_bits(b, hi4, 4, 15), _shl(b, _bits(b, mid4, 6, 3), 4))))
     qs_off = 48 if qtype == Q5_K else 16
-    qh = r.bytes(o, 16, 32) if qtype == Q5_K else None
-    pairs = []
-    for p in range(4):
+    def pair(p):
         v = r.bytes(o, qs_off + 32 * p, 32)
         lo, hi = _bits(b, v, 0, 15), _bits(b, v, 4, 15)
-        if qh is not None:
+        if qtype == Q5_K:
+            qh = r.bytes(o, 16, 32)
             lo = b.or_(lo, _shl(b, _bits(b, qh, 2 * p, 1), 4))
             hi = b.or_(hi, _shl(b, _bits(b, qh, 2 * p + 1, 1), 4))
-        pairs.append((_cat(b, lo, hi), _pick(b, sc, [2 * p] * 8 + [2 * p + 1] * 8)))
-    return _KUnit(pairs, r.f16(o, 0), mins=_pick(b, mn, [j // 2 for j in range(16)]), dmin=r.f16(o, 2))
+        return _cat(b, lo, hi), _pick(b, sc, [2 * p] * 8 + [2 * p + 1] * 8)
+
+    return _KUnit(pair, r.f16(o, 0), mins=_pick(b, mn, [j // 2 for j in range(16)]), dmin=r.f16(o, 2))
 
 
 def _unit_q6_k(r, o, qtype):
@@ -270,14 +278,13 @@ def _unit_q6_k(r, o, qtype):
     8-bit scale per 16 values (at 192), fp16 d at 208."""
     b = r.builder
     scales = _widen16(b, r.bytes(o, 192, 16), signed=True)
-    pairs = []
-    for n in range(2):
+    def pair(p):
+        n, jj = p // 2, p % 2
         ql, qh = r.bytes(o, 64 * n, 64), r.bytes(o, 128 + 32 * n, 32)
-        for jj in range(2):
-            hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
-            q = b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4))
-            pairs.append((q, _lane_scales(b, scales, 8 * n + 4 * jj)))
-    return _KUnit(pairs, r.f16(o, 208), group_scales=scales)
+        hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
+        return b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4)), _lane_scales(b, scales, 8 * n + 4 * jj)
+
+    return _KUnit(pair, r.f16(o, 208), group_scales=scales)
 
 
 def _unit_q3_k(r, o, qtype):
@@ -289,15 +296,14 @@ def _unit_q3_k(r, o, qtype):
     sc = b.or_(_cat(b, _bits(b, lo8, 0, 15), _bits(b, lo8, 4, 15)),
                _shl(b, _bits(b, _pick(b, s, [8, 9, 10, 11] * 4), [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4, 3), 4))
     scales = _widen16(b, b.sub(sc, ir.Constant(_vec(_i8, 16), [32] * 16)), signed=True)
-    hm = r.bytes(o, 0, 32)
-    pairs = []
-    for p in range(4):
+    def pair(p):
         n, j = p // 2, 2 * (p % 2)
-        qs = r.bytes(o, 32 + 32 * n, 32)
+        qs, hm = r.bytes(o, 32 + 32 * n, 32), r.bytes(o, 0, 32)
         lo = _cat(b, _bits(b, qs, 2 * j, 3), _bits(b, qs, 2 * j + 2, 3))
         hb = _cat(b, _bits(b, hm, 4 * n + j, 1), _bits(b, hm, 4 * n + j + 1, 1))
-        pairs.append((b.or_(lo, _shl(b, hb, 2)), _lane_scales(b, scales, 4 * p)))
-    return _KUnit(pairs, r.f16(o, 108), group_scales=scales)
+        return b.or_(lo, _shl(b, hb, 2)), _lane_scales(b, scales, 4 * p)
+
+    return _KUnit(pair, r.f16(o, 108), group_scales=scales)
 
 
 def _unit_q2_k(r, o, qtype):
@@ -306,12 +312,12 @@ def _unit_q2_k(r, o, qtype):
     b = r.builder
     s = r.bytes(o, 0, 16)
     scales, mins = _widen16(b, _bits(b, s, 0, 15)), _widen16(b, _bits(b, s, 4, 15))
-    pairs = []
-    for p in range(4):
+    def pair(p):
         qs = r.bytes(o, 16 + 32 * (p // 2), 32)
         q = _cat(b, _bits(b, qs, 2 * ((2 * p) % 4), 3), _bits(b, qs, 2 * ((2 * p + 1) % 4), 3))
-        pairs.append((q, _lane_scales(b, scales, 4 * p)))
-    return _KUnit(pairs, r.f16(o, 80), mins=mins, dmin=r.f16(o, 82))
+        return q, _lane_scales(b, scales, 4 * p)
+
+    return _KUnit(pair, r.f16(o, 80), mins=mins, dmin=r.f16(o, 82))
 
 
 _KQUANT_UNITS = {Q2_K: _unit_q2_k, Q3_K: _unit_q3_k, Q4_K: _unit_q4_k, Q5_K: _unit_q4_k, Q6_K: _unit_q6_k}
@@ -492,7 +498,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
         n_blocks = b.udiv(row_bytes, c64(unit_bytes // 2 if legacy else unit_bytes))
         n_units = b.udiv(n_blocks, c64(2)) if legacy else n_blocks
         xq_ary = context.make_array(sig.args[2])(context, b, xq)
-        T = cgutils.unpack_tuple(b, xq_ary.shape)[1]
+        T = cgutils.unpack_tuple(b, xq_ary.shape)[1]  # the activations' row stride
+        n_rows = cgutils.unpack_tuple(b, context.make_array(sig.args[6])(context, b, res).shape)[0]
         xdv_ary = context.make_array(sig.args[3])(context, b, xdv)
         xs_data = context.make_array(sig.args[4])(context, b, xs).data
         xm_data = context.make_array(sig.args[5])(context, b, xm).data
@@ -539,7 +546,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
             prefetch_unit(o)
             ku = _KQUANT_UNITS[kind](row, o, kind)
             isums = [ir.Constant(v8i, None)] * len(rows)
-            for i, (q, lane_scales) in enumerate(ku.pairs):
+            for i in range(4):
+                q, lane_scales = ku.pair(i)
                 p = b.add(b.mul(u, c64(4)), c64(i))  # these 64 values: pair p of the activations
                 for g, tg in enumerate(rows):
                     xv = _load_ptr(b, xq_ary.data, b.mul(b.add(b.mul(p, T), tg), c64(64)), 64)
@@ -558,7 +566,7 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
 
         t = cgutils.alloca_once_value(b, c64(0))  # first row of the next group
         for G in _GROUPS:
-            with cgutils.for_range(b, b.udiv(b.sub(T, b.load(t)), c64(G))):
+            with cgutils.for_range(b, b.udiv(b.sub(n_rows, b.load(t)), c64(G))):
                 t0 = b.load(t)
                 rows = [b.add(t0, c64(g)) for g in range(G)]
                 # per row, float partial sums (mem2reg: registers); the mins' terms: legacy, of the G rows in
@@ -671,6 +679,7 @@ def _quantize_act(qtype, x, xq, xm, xdv, xs):
     # qtype need: xs i32 [pairs, T, 16], -offset * each lane's sum of xq; or xm f32 [4 * pairs, T], d * the
     # sum of each 32 values.  Blocks of 256: _quantize_superblock.  Padding is left untouched.
     T, n = x.shape
+    S = xq.shape[1]  # row stride: at least T
     if qtype >= Q2_K and qtype <= Q6_K:  # K-quants (a literal: the other branch folds away)
         for t in range(T):
             for u in range(n // 256):
@@ -679,16 +688,17 @@ def _quantize_act(qtype, x, xq, xm, xdv, xs):
     for t in range(T):
         for b in range(n // 32):
             p, h = b // 2, b % 2
-            _quantize_block(qtype, x, t * n + 32 * b, xq, (p * T + t) * 64 + 32 * h, xm, b, t, xdv,
-                            (p * T + t) * 16 + 8 * h, xs)
+            _quantize_block(qtype, x, t * n + 32 * b, xq, (p * S + t) * 64 + 32 * h, xm, b, t, xdv,
+                            (p * S + t) * 16 + 8 * h, xs)
 
 
 @njit(cache=True)
 def _act_buffers(T, n):
-    # zeroed xq, xm, xdv, xs for T activation rows of n values (see _quantize_act; _row_dots for the padding)
-    pairs = (n + 63) // 64
-    return (np.zeros((pairs, T, 64), np.int8), np.zeros((4 * pairs, T), np.float32),
-            np.zeros((pairs, T, 16), np.float32), np.zeros((pairs, T, 16), np.int32))
+    # zeroed xq, xm, xdv, xs for T activation rows of n values, in blocks of up to _BLOCK_ROWS rows: block k
+    # holds rows _BLOCK_ROWS * k.. as _quantize_act and _row_dots take them (see there; and for the padding)
+    G, nb, pairs = min(T, _BLOCK_ROWS), (T + _BLOCK_ROWS - 1) // _BLOCK_ROWS, (n + 63) // 64
+    return (np.zeros((nb, pairs, G, 64), np.int8), np.zeros((nb, 4 * pairs, G), np.float32),
+            np.zeros((nb, pairs, G, 16), np.float32), np.zeros((nb, pairs, G, 16), np.int32))
 
 
 # no fastmath here nor in the callers: numba puts a function's flags on all the IR inlined into it, _row_dots's
@@ -697,19 +707,28 @@ def _act_buffers(T, n):
 @njit(cache=True)
 def _dot_rows(qtype, w, r0, r1, xq, xm, xdv, xs, out):
     # out[:, r0:r1] for rows r0..r1 of w; qtype is a literal (see _for_type), so the row dots inline with
-    # their type fixed
-    res = np.empty(xm.shape[1], np.float32)  # one weight row against every activation row
-    for r in range(r0, r1):
-        _row_dots(qtype, w[r], xq, xdv, xs, xm, res)
-        out[:, r] = res
+    # their type fixed.  Blocks of activation rows outside, weight rows inside: a block (8 rows, ~40 KB at
+    # most) stays in cache while the task's weight rows meet it
+    T = out.shape[0]
+    res = np.empty(_BLOCK_ROWS, np.float32)  # one weight row against the rows of a block
+    for k in range(xq.shape[0]):
+        t0 = k * _BLOCK_ROWS
+        rows = res[:min(_BLOCK_ROWS, T - t0)]
+        for r in range(r0, r1):
+            _row_dots(qtype, w[r], xq[k], xdv[k], xs[k], xm[k], rows)
+            out[t0:t0 + rows.shape[0], r] = rows
 
 
 @njit(parallel=True, cache=True)
 def _matmul_q8(qtype, w, x, out):
     # w u8 [n_out, row_bytes]; x f32 [T, n_in]; out f32 [T, n_out]
     xq, xm, xdv, xs = _act_buffers(x.shape[0], x.shape[1])
-    # a called function, not array expressions: under parallel=True each of those is one more parallel region
-    _quantize_act(qtype, x, xq, xm, xdv, xs)
+    # called functions, not array expressions: under parallel=True each of those is one more parallel region
+    if xq.shape[0] == 1:  # a decoding step
+        _quantize_act(qtype, x, xq[0], xm[0], xdv[0], xs[0])
+    else:
+        for k in prange(xq.shape[0]):
+            _quantize_act(qtype, x[k * _BLOCK_ROWS:(k + 1) * _BLOCK_ROWS], xq[k], xm[k], xdv[k], xs[k])
     R = w.shape[0]
     for c in prange((R + _DOT_ROWS - 1) // _DOT_ROWS):
         _dot_rows(qtype, w, c * _DOT_ROWS, min(c * _DOT_ROWS + _DOT_ROWS, R), xq, xm, xdv, xs, out)
@@ -719,25 +738,74 @@ def _matmul_q8(qtype, w, x, out):
 # Dequantization of one row into float32: for get_rows, dequantize and the prefill tiles.
 
 
+@intrinsic(prefer_literal=True)
+def _dequant_units(typingctx, qtype, w, y):
+    """y f32 [n] = the weight row w u8 [row_bytes] of a quantized type, 64 values at a time from the units of
+    the int8 path, with the float operations of gguf-py's dequantization, so bit for bit equal to it:
+    d * (q - offset) [+ m] for legacy blocks, (d * scale) * (q - offset) [- dmin * min] for K-quants.  Float
+    types compile to nothing (numba types the branches of _dequant_row that their literal type never takes)."""
+    if not isinstance(qtype, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        kind = sig.args[0].literal_value
+        if kind not in _BLOCK32 and kind not in _KQUANT_BYTES:
+            return context.get_dummy_value()
+        legacy = kind in _BLOCK32
+        unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
+        c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+        row = _Row(context, b, sig.args[1], args[1])
+        row_bytes = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape)[0]
+        y_data = context.make_array(sig.args[2])(context, b, args[2]).data
+        v64f = _vec(_f32t, 64)
+        n_blocks = b.udiv(row_bytes, c64(unit_bytes // 2 if legacy else unit_bytes))
+        n_units = b.udiv(n_blocks, c64(2)) if legacy else n_blocks
+
+        def lanes(v, index):
+            return _pick(b, v, [index(k) for k in range(64)])
+
+        def store(vals, at, n=64):
+            vals = _pick(b, vals, list(range(n))) if n < 64 else vals
+            b.store(vals, b.bitcast(b.gep(y_data, [at]), vals.type.as_pointer()), align=4)
+
+        def unit(u, tail=False):
+            o = b.mul(u, c64(unit_bytes))
+            if legacy:  # Q8_0's bytes as they are: value = d * w
+                pairs, mins = _unit_block32(row, o, kind, tail, signed=True)
+                (q, dv), = pairs
+                qf = b.sitofp(q, v64f) if kind == Q8_0 else b.uitofp(q, v64f)
+                if _OFFSETS.get(kind) and kind != Q8_0:
+                    qf = b.fsub(qf, ir.Constant(v64f, [float(_OFFSETS[kind])] * 64))
+                vals = b.fmul(lanes(dv, lambda k: k // 4), qf)
+                if mins is not None:
+                    vals = b.fadd(vals, lanes(mins, lambda k: k // 32))
+                store(vals, b.mul(u, c64(64)), 32 if tail else 64)
+                return
+            ku = _KQUANT_UNITS[kind](row, o, kind)
+            for i in range(4):
+                q, lane_scales = ku.pair(i)
+                dl = _times(b, b.sitofp(lanes(lane_scales, lambda k: k // 4), v64f), ku.d)
+                qf = b.uitofp(q, v64f)
+                if kind in _OFFSETS:
+                    qf = b.fsub(qf, ir.Constant(v64f, [float(_OFFSETS[kind])] * 64))
+                vals = b.fmul(dl, qf)
+                if ku.mins is not None:
+                    vals = b.fsub(vals, _times(b, b.sitofp(lanes(ku.mins, lambda k: (64 * i + k) // 16), v64f), ku.dmin))
+                store(vals, b.add(b.mul(u, c64(256)), c64(64 * i)))
+
+        with cgutils.for_range(b, n_units) as loop:
+            unit(loop.index)
+        if legacy:  # an odd block count ends on a half pair
+            with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
+                unit(n_units, tail=True)
+        return context.get_dummy_value()
+
+    return types.none(qtype, w, y), codegen
+
+
+# no fastmath: a contracted d * q + m would no longer equal gguf-py's rounding
 @njit(cache=True)
-def _scale_min_k4(w, o, j):
-    """6-bit scale and min of sub-block j (0-7) of a Q4_K/Q5_K block whose 12 scale bytes start at w[o]."""
-    if j < 4:
-        return np.int32(w[o + j] & 63), np.int32(w[o + j + 4] & 63)
-    sc = (w[o + j + 4] & 15) | ((w[o + j - 4] >> 6) << 4)
-    m = (w[o + j + 4] >> 4) | ((w[o + j] >> 6) << 4)
-    return np.int32(sc), np.int32(m)
-
-
-@njit(cache=True)
-def _scale_q3_k(w, o, i):
-    """Signed 6-bit scale i (0-15) of a Q3_K block whose 12 scale bytes start at w[o]."""
-    lo = (w[o + i % 8] >> (4 * (i // 8))) & 15
-    hi = (w[o + 8 + i % 4] >> (2 * (i // 4))) & 3
-    return np.int32(lo | (hi << 4)) - 32
-
-
-@njit(fastmath=_FM, cache=True)
 def _dequant_row(qtype, w, y):
     # w u8 [row_bytes]; y f32 [n_in]
     n = y.shape[0]
@@ -750,80 +818,8 @@ def _dequant_row(qtype, w, y):
     elif qtype == BF16:
         for i in range(n):
             y[i] = _bf16(w, 2 * i)
-    elif qtype == Q8_0:
-        for b in range(n // 32):
-            d = _f16(w, b * 34)
-            for j in range(32):
-                y[b * 32 + j] = d * np.float32(np.int8(w[b * 34 + 2 + j]))
-    elif qtype == Q4_0 or qtype == Q4_1:
-        bs = 18 if qtype == Q4_0 else 20
-        for b in range(n // 32):
-            o = b * bs
-            d = _f16(w, o)
-            m = _f16(w, o + 2) if qtype == Q4_1 else np.float32(-8.0) * d
-            for j in range(16):
-                q = w[o + bs - 16 + j]
-                y[b * 32 + j] = d * np.float32(q & 15) + m
-                y[b * 32 + 16 + j] = d * np.float32(q >> 4) + m
-    elif qtype == Q5_0 or qtype == Q5_1:
-        bs = 22 if qtype == Q5_0 else 24
-        for b in range(n // 32):
-            o = b * bs
-            d = _f16(w, o)
-            m = _f16(w, o + 2) if qtype == Q5_1 else np.float32(-16.0) * d
-            qh = np.uint32(0)
-            for i in range(4):
-                qh |= np.uint32(w[o + bs - 20 + i]) << (8 * i)
-            for j in range(16):
-                q = w[o + bs - 16 + j]
-                lo = (q & 15) | (((qh >> j) & 1) << 4)
-                hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                y[b * 32 + j] = d * np.float32(lo) + m
-                y[b * 32 + 16 + j] = d * np.float32(hi) + m
     else:
-        _dequant_row_k(qtype, w, y)
-
-
-@njit(fastmath=_FM, cache=True)
-def _dequant_row_k(qtype, w, y):
-    # K-quants: blocks of 256 as 8 chunks of 32 values in the chunk order of the _vd_* functions; scales are
-    # worked out once per 16-value half-chunk, so the inner loops are plain byte arithmetic
-    for b in range(y.shape[0] // 256):
-        for c in range(8):
-            n, j = c // 4, c % 4
-            for h in range(2):
-                i = b * 256 + c * 32 + h * 16  # first output of this half-chunk
-                if qtype == Q2_K:
-                    o = b * 84
-                    sc = w[o + 2 * c + h]
-                    dl = _f16(w, o + 80) * np.float32(sc & 15)
-                    ml = _f16(w, o + 82) * np.float32(sc >> 4)
-                    for l in range(h * 16, h * 16 + 16):
-                        y[i + l - h * 16] = dl * np.float32((w[o + 16 + 32 * n + l] >> (2 * j)) & 3) - ml
-                elif qtype == Q3_K:
-                    o = b * 110
-                    dl = _f16(w, o + 108) * np.float32(_scale_q3_k(w, o + 96, 2 * c + h))
-                    for l in range(h * 16, h * 16 + 16):
-                        q = np.int32((w[o + 32 + 32 * n + l] >> (2 * j)) & 3) | (((w[o + l] >> (4 * n + j)) & 1) << 2)
-                        y[i + l - h * 16] = dl * np.float32(q - 4)
-                elif qtype == Q4_K or qtype == Q5_K:
-                    o = b * 144 if qtype == Q4_K else b * 176
-                    sc, m = _scale_min_k4(w, o + 4, c)
-                    dl = _f16(w, o) * np.float32(sc)
-                    ml = _f16(w, o + 2) * np.float32(m)
-                    qs = o + (16 if qtype == Q4_K else 48) + 32 * (c // 2)
-                    for l in range(h * 16, h * 16 + 16):
-                        q = np.int32(w[qs + l] >> (4 * (c % 2))) & 15
-                        if qtype == Q5_K:
-                            q |= ((w[o + 16 + l] >> c) & 1) << 4
-                        y[i + l - h * 16] = dl * np.float32(q) - ml
-                else:  # Q6_K
-                    o = b * 210
-                    dl = _f16(w, o + 208) * np.float32(np.int8(w[o + 192 + 8 * n + 2 * j + h]))
-                    ql = o + 64 * n + 32 * (j % 2)
-                    for l in range(h * 16, h * 16 + 16):
-                        q = (np.int32(w[ql + l] >> (4 * (j // 2))) & 15) | ((np.int32(w[o + 128 + 32 * n + l] >> (2 * j)) & 3) << 4)
-                        y[i + l - h * 16] = dl * np.float32(q - 32)
+        _dequant_units(qtype, w, y)
 
 
 @njit(parallel=True, cache=True)
@@ -845,30 +841,36 @@ def _matmul_f32(qtype, w, x, out):
         for i in range(nr):
             _dequant_row(qtype, w[r0 + i], tile[i])
         for t0 in range(0, T, _TILE_TOKENS):  # keeps this slice of x in L2 while all 16 rows use it
-            for i in range(0, nr, 4):
-                w0, w1, w2, w3 = tile[i], tile[i + 1], tile[i + 2], tile[i + 3]
-                for t in range(t0, min(t0 + _TILE_TOKENS, T), 2):
-                    # 4 rows x 2 tokens: 6 loads feed 8 FMAs, whose 8 accumulators (vectors of 8 or 16 once
-                    # LLVM vectorizes along j) fit AVX2's 16 registers with the loads (4 x 4 spilled 6 of 16
-                    # there); a tail token repeats the last one, unwritten
-                    xa, xb = x[t], x[min(t + 1, T - 1)]
-                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-                    for j in range(n):
-                        p, q, s, u = w0[j], w1[j], w2[j], w3[j]
-                        v = xa[j]
-                        a0 += v * p
-                        a1 += v * q
-                        a2 += v * s
-                        a3 += v * u
-                        v = xb[j]
-                        b0 += v * p
-                        b1 += v * q
-                        b2 += v * s
-                        b3 += v * u
-                    acc = ((a0, a1, a2, a3), (b0, b1, b2, b3))  # [token][row]
-                    for k in range(min(2, T - t)):
-                        for m in range(min(4, nr - i)):
-                            out[t + k, r0 + i + m] = acc[k][m]
+            for j0 in range(0, n, _TILE_SPAN):  # 4 tile rows and 2 x rows of this span stay in L1
+                j1 = min(j0 + _TILE_SPAN, n)
+                for i in range(0, nr, 4):
+                    w0, w1, w2, w3 = tile[i], tile[i + 1], tile[i + 2], tile[i + 3]
+                    for t in range(t0, min(t0 + _TILE_TOKENS, T), 2):
+                        # 4 rows x 2 tokens: 6 loads feed 8 FMAs, whose 8 accumulators (vectors of 8 or 16
+                        # once LLVM vectorizes along j) fit AVX2's 16 registers with the loads (4 x 4 spilled
+                        # 6 of 16 there); a tail token repeats the last one, unwritten
+                        xa, xb = x[t], x[min(t + 1, T - 1)]
+                        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                        for j in range(j0, j1):
+                            p, q, s, u = w0[j], w1[j], w2[j], w3[j]
+                            v = xa[j]
+                            a0 += v * p
+                            a1 += v * q
+                            a2 += v * s
+                            a3 += v * u
+                            v = xb[j]
+                            b0 += v * p
+                            b1 += v * q
+                            b2 += v * s
+                            b3 += v * u
+                        acc = ((a0, a1, a2, a3), (b0, b1, b2, b3))  # [token][row]
+                        for k in range(min(2, T - t)):
+                            for m in range(min(4, nr - i)):
+                                # spans summed in order: a row's bits never depend on T
+                                if j0 == 0:
+                                    out[t + k, r0 + i + m] = acc[k][m]
+                                else:
+                                    out[t + k, r0 + i + m] += acc[k][m]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -899,7 +901,8 @@ def _for_type(kernel, qtype: int, *args):
     return entry(qtype, *args)
 
 
-_PATHS = ("auto", "int8", "float")
+_PATHS = ("auto", "int8", "float", "prefill")
+_PREFILL_INT8 = (Q4_K, Q5_K)  # the types "prefill" multiplies on the int8 path (see the module docstring)
 
 
 def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: str = "auto") -> np.ndarray:
@@ -907,7 +910,8 @@ def matmul(w: QTensor, x: np.ndarray, out: np.ndarray | None = None, *, path: st
 
     path picks how quantized weights are multiplied, so that a row's result depends on its role, never on T:
     "int8" (decode steps) quantizes the activations and computes every row bit-identical to a lone row;
-    "float" (prompt processing) uses float tiles, every row identical whatever T (also T=1);
+    "float" uses float tiles, every row identical whatever T (also T=1); "prefill" (prompt processing) is
+    one or the other by quant type;
     "auto" takes int8 below PREFILL_MIN_T rows, float from there (the faster one). Float weights always
     take the float path.
     """
@@ -937,7 +941,8 @@ def uses_int8(qtype: int, T: int, path: str) -> bool:
         raise ValueError(f"matmul path must be one of {_PATHS}, not {path!r}")
     if qtype in _FLOAT_TYPES:
         return False
-    return path == "int8" or (path == "auto" and T < PREFILL_MIN_T)
+    return (path == "int8" or (path == "auto" and T < PREFILL_MIN_T)
+            or (path == "prefill" and qtype in _PREFILL_INT8))
 
 
 def get_rows(w: QTensor, ids: np.ndarray) -> np.ndarray:

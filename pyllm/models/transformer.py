@@ -100,11 +100,11 @@ class Transformer:
         tokens, pos, slot: [T] (token t sits at position pos[t] of sequence slot[t]; tokens of one slot in
         order); logit_rows: indices into T whose logits are wanted.  Returns float32 [len(logit_rows), n_vocab].
         decode: a decoding step (one new token per sequence; int8 activations, memory-bound) rather than prompt
-        processing (float tiles, compute-bound).  Each path computes every row the same way whatever T is, so a
+        processing (qmatmul's "prefill" path: float tiles or int8 by quant type, compute-bound).  Each path computes every row the same way whatever T is, so a
         sequence's result never depends on what else is in the batch or how its prompt was chunked.
         """
         c, k_ = self.config, self.backend
-        path = "int8" if decode else "float"
+        path = "int8" if decode else "prefill"
 
         def matmul(w, x):
             return k_.matmul(w, x, path=path)
