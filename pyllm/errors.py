@@ -30,7 +30,12 @@ class TemplateError(PyllmError):
 
 
 class NumericError(PyllmError):
-    """The model computed NaN or infinity: broken weights, or a computation that overflowed."""
+    """The model computed NaN or infinity: broken weights, or a computation that overflowed.  rows: which rows
+    of `logits` (the step's output) are not finite, so a batch can fail those sequences and keep the others."""
+
+    def __init__(self, message: str, rows=None, logits=None):
+        super().__init__(message)
+        self.rows, self.logits = rows, logits
 
 
 class MemoryLimitError(PyllmError):

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     _register()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="pyllm")
     except PyllmError as e:
         if verbose:
             raise
