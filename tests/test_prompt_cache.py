@@ -274,9 +274,11 @@ def test_lru_limit_evicts_least_recently_used(model, tmp_path):
 
 
 def test_entry_larger_than_the_limit_is_not_kept(model, tmp_path):
-    pc = PromptCache(tmp_path, max_bytes=1000)
+    warned = []
+    pc = PromptCache(tmp_path, max_bytes=1000, warn=warned.append)
     assert pc.save(model, prefilled(model, ids_for(30))) is None
     assert entry_files(tmp_path) == []
+    assert len(warned) == 1 and "more than the cache's limit of 1000" in warned[0]  # sized first, never written
 
 
 def test_stale_temporary_files_are_cleaned(model, tmp_path):
