@@ -15,17 +15,14 @@ from the prefill path, as they would for the new prompt alone (generated tokens 
 """
 from __future__ import annotations
 
-import os
 import queue
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
-
-from .errors import PyllmError
+from .errors import NumericError, PyllmError, SamplingError
 from .generate import Stats, TextStream, plan_prefill
-from .kv_cache import kv_dtype
+from .kv_cache import KVCache, available_memory
 from .sampling import Sampler
 
 # Decoding steps compute every row exactly as for a lone sequence, whatever the batch size.  The int8 kernel
@@ -66,9 +63,14 @@ class _Sequence:
         self.t0 = 0.0
 
     def take(self, logits) -> bool:
-        """Sample the next token from logits [n_vocab]; True when the sequence is over."""
+        """Sample the next token from logits [n_vocab]; True when the sequence is over (a sampler that has no
+        token left ends it with an error, not the batch)."""
         stats, request = self.result.stats, self.request
-        token = request.sampler(logits)
+        try:
+            token = request.sampler(logits)
+        except SamplingError as e:
+            self.result.error = str(e)
+            return self._end("error")
         request.sampler.accept(token)
         if self.model.tokenizer.is_eog(token):
             return self._end("stop")
@@ -144,7 +146,14 @@ class ContinuousBatch:
         if not joining:
             return over
         t0 = time.perf_counter()
-        logits = self.model.eval_many(self.cache, todo)  # [n_vocab] per joining sequence
+        try:
+            logits = self.model.eval_many(self.cache, todo)  # [n_vocab] per joining sequence
+        except NumericError as e:  # a joint prefill cannot tell whose prompt broke it: all of them fail
+            for seq in joining:
+                self.cache.trim(0, seq.slot)
+                self.n_prompt[seq.slot] = 0
+                seq.result.error, seq.result.stats.finish_reason = str(e), "error"
+            return over + [seq.result for seq in joining]
         spent = time.perf_counter() - t0
         n_prefill = sum(len(tokens) for _, tokens in todo)
         self.n_prefill += n_prefill
@@ -166,10 +175,17 @@ class ContinuousBatch:
         """One forward pass over every running sequence's last token; returns the sequences that ended."""
         slots = list(self.running)
         t0 = time.perf_counter()
-        logits = self.model.decode(self.cache, slots, [self.running[s].last for s in slots])  # [N, n_vocab]
         done = []
+        try:
+            logits = self.model.decode(self.cache, slots, [self.running[s].last for s in slots])  # [N, n_vocab]
+        except NumericError as e:  # only the sequences whose logits are not finite fail; the others go on
+            logits = e.logits
+            for i in e.rows:
+                seq = self.running.pop(slots[i])
+                seq.result.error, seq.result.stats.finish_reason = str(e), "error"
+                done.append(seq.result)
         for i, s in enumerate(slots):
-            if self.running[s].take(logits[i]):
+            if s in self.running and self.running[s].take(logits[i]):
                 done.append(self.running.pop(s).result)
         self.decode_s += time.perf_counter() - t0
         self.n_decoded += len(slots)
@@ -204,11 +220,9 @@ class ContinuousBatch:
 
 def default_parallel(model, n_ctx: int, kv_type: str = "f16") -> int:
     """MAX_DEFAULT_PARALLEL, or fewer when full-length KV slots would take over a quarter of the free memory."""
-    c = model.config
-    per_slot = 2 * c.n_layers * c.n_kv_heads * n_ctx * c.head_dim * np.dtype(kv_dtype(kv_type)).itemsize
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: trust the cap
+    per_slot = KVCache.nbytes(model.config, n_ctx, 1, kv_type)
+    free = model.memory_left() or available_memory()
+    if free is None:  # not Linux: trust the cap
         return MAX_DEFAULT_PARALLEL
     return max(1, min(MAX_DEFAULT_PARALLEL, free // 4 // per_slot))
 

@@ -12,6 +12,7 @@ the system prompt itself is never cut.  The library prints nothing: what the use
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -184,7 +185,7 @@ class Chat:
             v = kind(value)
         except ValueError:
             v = None
-        if v is None or not valid(v):
+        if v is None or (kind is float and not math.isfinite(v)) or not valid(v):
             raise PyllmError(f"{name} must be {'an integer' if kind is int else 'a number'} {rule}, not {value!r}")
         if attr:
             setattr(self.sampler, attr, v)

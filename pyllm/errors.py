@@ -27,3 +27,20 @@ class TemplateError(PyllmError):
     """An unsafe or broken chat template (from the GGUF or --chat-template: bad input, like a bad file)."""
 
     exit_code = 2
+
+
+class NumericError(PyllmError):
+    """The model computed NaN or infinity: broken weights, or a computation that overflowed.  rows: which rows
+    of `logits` (the step's output) are not finite, so a batch can fail those sequences and keep the others."""
+
+    def __init__(self, message: str, rows=None, logits=None):
+        super().__init__(message)
+        self.rows, self.logits = rows, logits
+
+
+class MemoryLimitError(PyllmError):
+    """A buffer would not fit in the available memory (or --max-memory): refused before it is allocated."""
+
+
+class SamplingError(PyllmError):
+    """The sampler has no token left to choose (every candidate removed by penalties or constraints)."""

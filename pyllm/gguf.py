@@ -173,6 +173,13 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: no such file")
         if os.path.isdir(self.path):
             raise GGUFError(f"{self.path}: is a directory, not a GGUF file")
+        try:
+            self._read_header()
+        except OSError as e:  # unreadable: permissions, an I/O error, a special file
+            raise GGUFError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        self._mmap = None
+
+    def _read_header(self):
         self.file_size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             head = f.read(4)
@@ -190,7 +197,6 @@ class GGUFFile:
                     break
                 except _NeedMore as e:
                     size = min(self.file_size, max(e.need + (1 << 20), size * 4))
-        self._mmap = None
 
     def _parse(self, buf: bytes):
         c = _Cursor(buf, self.path, self.file_size)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import ContextError, GGUFError, PyllmError, UnsupportedError
+from .errors import ContextError, GGUFError, MemoryLimitError, NumericError, PyllmError, UnsupportedError
 from .gguf import GGUFFile
 from .kernels import get_backend
-from .kv_cache import KVCache
+from .kv_cache import KVCache, fmt_bytes
 from .models import ARCHS
 from .models.transformer import Transformer
 from .tokenizer import Tokenizer
@@ -18,9 +20,20 @@ DEFAULT_BATCH = 256  # prefill chunk: tokens per forward call
 
 
 class Model:
-    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+    """warn(message): where the model's warnings go (default: Python's warnings).  diagnose: on non-finite
+    logits, run the step again checking each layer, to name where the NaN or inf first appeared.  max_memory:
+    bytes the weights and KV caches may take together (None: whatever memory is available)."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", *, warn=None, diagnose: bool = False,
+                 max_memory: int | None = None):
         self.path = str(path)
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+        self.diagnose, self.max_memory = diagnose, max_memory
         self.gguf = GGUFFile(path)
+        self.weights_bytes = sum(t.nbytes for t in self.gguf.tensors.values())
+        if max_memory is not None and self.weights_bytes >= max_memory:
+            raise MemoryLimitError(f"{self.path}: the weights take {fmt_bytes(self.weights_bytes)}, more than "
+                                   f"--max-memory {fmt_bytes(max_memory)}")
         meta = self.gguf.metadata
         arch = self.gguf.architecture
         if arch not in ARCHS:
@@ -34,6 +47,7 @@ class Model:
                             f"expects {self.config.n_vocab}")
         self.transformer = Transformer(self.gguf, self.config, module.REQUIRED, get_backend(device))
         self.fingerprint = self.gguf.fingerprint()
+        self._warned_ctx: set[int] = set()
         self._templates: dict = {}  # override -> checked ChatTemplate (or None): rendering a probe costs ms
 
     @property
@@ -57,16 +71,34 @@ class Model:
         return self._templates[override]
 
     # --- evaluation ------------------------------------------------------------------------------------
-    def context_size(self, requested: int | None = None) -> int:
-        """A --ctx-size value, or the default: the model's training context, at most 4096."""
+    def context_size(self, requested: int | None = None, force: bool = False) -> int:
+        """A --ctx-size value, or the default: the model's training context, at most 4096.  Above the training
+        context, positions are ones RoPE never saw in training (output degrades, as llama.cpp warns): capped
+        to it with a warning, unless forced (--force-ctx)."""
+        train = self.config.ctx_train
         if requested is None:
-            return min(self.config.ctx_train, 4096)
+            return min(train, 4096)
         if requested < 1:
             raise PyllmError(f"--ctx-size must be at least 1, not {requested}")
+        if requested > train and not force:
+            if requested not in self._warned_ctx:  # warn once, however many times the size is asked for
+                self._warned_ctx.add(requested)
+                self.warn(f"--ctx-size {requested} is above the {train} tokens {Path(self.path).name} was trained "
+                          f"on: using {train} (--force-ctx to use {requested} anyway)")
+            return train
         return requested
 
     def new_cache(self, n_ctx: int | None = None, n_slots: int = 1, kv_type: str = "f16") -> KVCache:
-        return KVCache(self.config, self.context_size(n_ctx), n_slots, kv_type, self.transformer.backend)
+        """A KV cache of exactly n_ctx tokens per slot (default: context_size()), refused before allocation
+        when it cannot fit in memory (or in what --max-memory leaves beside the weights)."""
+        n_ctx = self.context_size() if n_ctx is None else n_ctx
+        if n_ctx < 1:
+            raise PyllmError(f"--ctx-size must be at least 1, not {n_ctx}")
+        return KVCache(self.config, n_ctx, n_slots, kv_type, self.transformer.backend, self.memory_left())
+
+    def memory_left(self) -> int | None:
+        """Bytes --max-memory leaves beside the weights for buffers (None: no limit but the machine's)."""
+        return None if self.max_memory is None else self.max_memory - self.weights_bytes
 
     def eval(self, cache: KVCache, tokens: list[int], slot: int = 0, all_logits: bool = False,
              n_batch: int = DEFAULT_BATCH) -> np.ndarray:
@@ -98,7 +130,7 @@ class Model:
         for i in range(0, len(tok), n_batch):
             chunk = slice(i, i + n_batch)
             rows = np.flatnonzero(wanted[chunk])  # indices into the chunk whose logits are kept
-            logits = self.transformer.forward(tok[chunk], pos[chunk], slot_of[chunk], cache, rows)
+            logits = self._forward(tok[chunk], pos[chunk], slot_of[chunk], cache, rows)
             for s, t in zip(slot_of[chunk], tok[chunk]):
                 cache.tokens[s].append(int(t))
             if len(rows):
@@ -118,10 +150,48 @@ class Model:
         tok = np.asarray(tokens, dtype=np.int64)
         pos = np.array([len(cache.tokens[s]) for s in slots], dtype=np.int64)
         sl = np.asarray(slots, dtype=np.int64)
-        logits = self.transformer.forward(tok, pos, sl, cache, np.arange(len(tok)), decode=True)
+        try:
+            logits = self._forward(tok, pos, sl, cache, np.arange(len(tok)), decode=True)
+        except NumericError:  # every row's keys and values were written: the sequences with finite logits go on
+            for s, t in zip(slots, tokens):
+                cache.tokens[s].append(int(t))
+            raise
         for s, t in zip(slots, tokens):
             cache.tokens[s].append(int(t))
         return logits
+
+    def _forward(self, tok, pos, slot, cache, rows, decode: bool = False) -> np.ndarray:
+        """transformer.forward, then the one place logits are checked: a NaN or inf would otherwise come out
+        as a silent argmax of token 0, or as a numpy error deep in a sampler.  One pass over [rows, n_vocab]."""
+        logits = self.transformer.forward(tok, pos, slot, cache, rows, decode=decode)
+        finite = np.isfinite(logits).all(axis=1)  # [rows]
+        if finite.all():
+            return logits
+        bad = int(np.flatnonzero(~finite)[0])
+        row = int(rows[bad])  # index into tok/pos/slot
+        kind = "NaN" if np.isnan(logits[bad]).any() else "infinity"
+        where = f"token position {int(pos[row])}" + (f" of slot {int(slot[row])}" if cache.n_slots > 1 else "")
+        layer = self._first_non_finite(tok, pos, slot, cache, decode) if self.diagnose else None
+        raise NumericError(f"the model computed {kind} at {where}: its weights hold NaN/inf or a value overflowed "
+                           + (f"(first non-finite output: {layer})" if layer else
+                              f"(`pyllm info --check` scans the weights; --verbose names the layer)"),
+                           rows=np.flatnonzero(~finite), logits=logits)
+
+    def _first_non_finite(self, tok, pos, slot, cache, decode: bool) -> str | None:
+        """Run the same step again, checking every layer's output: the name of the first that is not finite.
+        Rewriting the step's keys and values at the same positions changes nothing."""
+        class Found(Exception):
+            pass
+
+        def probe(name, x):
+            if not np.isfinite(self.transformer.backend.to_numpy(x)).all():
+                raise Found(name)
+
+        try:
+            logits = self.transformer.forward(tok, pos, slot, cache, np.arange(len(tok)), decode=decode, probe=probe)
+        except Found as e:
+            return str(e)
+        return None if np.isfinite(logits).all() else "the output matrix (output.weight, or token_embd.weight tied)"
 
     def logits(self, tokens: list[int], all_positions: bool = False) -> np.ndarray:
         """Logits in a fresh context: after the last token ([n_vocab]) or after every token ([T, n_vocab])."""

@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ContextError
+from .errors import ContextError, NumericError
+from .kv_cache import ensure_fits
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -32,6 +33,8 @@ def perplexity(model, text: str, n_ctx: int = 512, n_chunks: int | None = None,
         total = min(total, n_chunks)
     if total == 0:
         raise ContextError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
+    # every position's logits are kept ([n_ctx, n_vocab] float32): sized before the first chunk allocates them
+    ensure_fits(n_ctx * model.config.n_vocab * 4, f"the logits of a {n_ctx}-token chunk", model.memory_left(), " (lower --ctx-size)")
     add_bos = tok.add_bos and tok.bos_id is not None
     first = n_ctx // 2
     nll, count = 0.0, 0
@@ -48,4 +51,6 @@ def perplexity(model, text: str, n_ctx: int = 512, n_chunks: int | None = None,
         count += len(targets)
         if progress:
             progress(i + 1, total, math.exp(nll / count))
+    if not math.isfinite(nll):  # Model refuses non-finite logits; this catches what the log-softmax could add
+        raise NumericError(f"perplexity is not finite (the negative log-likelihood of {count} tokens is {nll})")
     return math.exp(nll / count), count

@@ -18,11 +18,13 @@ used; the library prints nothing.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import secrets
+import shutil
 import struct
 import time
 import warnings
@@ -201,11 +203,15 @@ def write_entry(path: Path, model, cache, slot: int = 0, n_tokens: int | None = 
     path = Path(path)
     tokens = np.asarray(cache.tokens[slot][:n_tokens], dtype="<i4")  # [n]
     n = len(tokens)
-    k = np.ascontiguousarray(cache.k[:, slot, :, :n])  # [L, H, n, D]
-    v = np.ascontiguousarray(cache.v[:, slot, :, :n])  # [L, H, n, D]
+    # one layer at a time ([H, n, D] each): a long prompt's entry is never copied whole into memory
+    layers = [a[layer, slot, :, :n] for a in (cache.k, cache.v) for layer in range(a.shape[0])]
+    need = entry_bytes(cache, n)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"the entry needs {need} bytes, {free} are free on the disk")
     digest = hashlib.sha256(tokens.tobytes())
-    digest.update(k)
-    digest.update(v)
+    for part in layers:
+        digest.update(np.ascontiguousarray(part))
     header = dict(_layout(model, cache), version=FORMAT_VERSION, n_tokens=n, n_ctx=cache.n_ctx,
                   model=Path(model.path).name, created=time.time(), checksum=digest.hexdigest(),
                   preview=_preview(model, tokens))
@@ -215,13 +221,18 @@ def write_entry(path: Path, model, cache, slot: int = 0, n_tokens: int | None = 
     try:
         with open(tmp, "wb") as f:
             f.write(start + bytes(_payload_offset(len(blob), n) - len(start)))
-            f.write(k)
-            f.write(v)
+            for part in layers:
+                f.write(np.ascontiguousarray(part))
         # no fsync: a file torn by a power cut fails the size or checksum test and is dropped
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def entry_bytes(cache, n_tokens: int) -> int:
+    """About what an entry of n_tokens takes on disk (the JSON header aside): sized before anything is written."""
+    return _payload_offset(0, n_tokens) + 2 * cache.k[:, 0, :, :n_tokens].size * cache.k.dtype.itemsize
 
 
 def _preview(model, tokens: np.ndarray) -> str:
@@ -285,6 +296,11 @@ class PromptCache:
                 if e.n_tokens >= len(ids) and _matched(e, ids) == len(ids):
                     _touch(e.path)
                     return e.path
+            if entry_bytes(cache, len(ids)) > self.max_bytes:  # it would only evict everything, itself included
+                self.warn(f"prompt cache: an entry of {len(ids)} tokens takes {entry_bytes(cache, len(ids))} "
+                          f"bytes, more than the cache's limit of {self.max_bytes} (--prompt-cache-max-size); "
+                          f"not saved")
+                return None
             name = hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()[:24]
             path = self.dir / f"{model_identity(model)[:16]}-{cache.kv_type}-{name}{SUFFIX}"
             write_entry(path, model, cache, slot, len(ids))

@@ -75,3 +75,35 @@ class QTensor:
 
     def __repr__(self) -> str:
         return f"QTensor({self.name!r}, {type_name(self.qtype)}, {self.shape})"
+
+
+# Where each block keeps its fp16 scale (and min): byte offsets inside the block.  Their NaN or inf spoils every
+# weight of the block, and the integer quants cannot hold one, so these are all `pyllm info --check` must scan.
+BLOCK_FLOATS: dict[int, tuple[int, ...]] = {
+    int(Q.Q4_0): (0,), int(Q.Q4_1): (0, 2), int(Q.Q5_0): (0,), int(Q.Q5_1): (0, 2), int(Q.Q8_0): (0,),
+    int(Q.Q2_K): (80, 82), int(Q.Q3_K): (108,), int(Q.Q4_K): (0, 2), int(Q.Q5_K): (0, 2), int(Q.Q6_K): (208,),
+}
+_FLOAT_VIEWS = {int(Q.F32): np.float32, int(Q.F16): np.float16}
+
+
+def count_non_finite(qtype: int, raw: np.ndarray) -> int | None:
+    """NaN and inf among a tensor's float values (its weights, or its blocks' fp16 scales and mins), from its raw
+    bytes (uint8); None for a type this cannot read.  Scans 64 MiB at a time: no copy of a whole tensor."""
+    raw = raw.reshape(-1)
+    step = 1 << 26
+    if qtype == Q.BF16:  # no numpy dtype: all exponent bits set is inf or NaN
+        words = raw.view(np.uint16)
+        return sum(int(((words[i:i + step] & 0x7F80) == 0x7F80).sum()) for i in range(0, len(words), step))
+    if qtype in _FLOAT_VIEWS:
+        values = raw.view(_FLOAT_VIEWS[qtype])
+        return sum(int((~np.isfinite(values[i:i + step])).sum()) for i in range(0, len(values), step))
+    if qtype not in BLOCK_FLOATS:
+        return None
+    blocks = raw.reshape(-1, type_size(qtype))  # [n_blocks, bytes per block]
+    bad = 0
+    for i in range(0, len(blocks), step // blocks.shape[1]):
+        part = blocks[i:i + step // blocks.shape[1]]
+        for offset in BLOCK_FLOATS[qtype]:
+            scales = np.ascontiguousarray(part[:, offset:offset + 2]).view(np.float16)  # [n, 1]
+            bad += int((~np.isfinite(scales)).sum())
+    return bad

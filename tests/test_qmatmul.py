@@ -13,12 +13,11 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from pyllm.errors import UnsupportedError
 from pyllm.kernels import qmatmul
-from pyllm.quants import SUPPORTED, QTensor, block_size, row_bytes, type_name, type_size
+from pyllm.quants import BLOCK_FLOATS, SUPPORTED, QTensor, block_size, row_bytes, type_name, type_size
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # byte offsets of the fp16 scale fields inside a block: random bytes there could be inf/NaN
-SCALE_POS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82],
-             Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+SCALE_POS = {Q(t): list(offsets) for t, offsets in BLOCK_FLOATS.items()}
 N_IN = 512  # two K-quant blocks, 16 blocks of 32
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from pyllm.errors import PyllmError, SamplingError
 from pyllm.sampling import Sampler, apply_penalties, min_p, softmax, top_k, top_p
 
 
@@ -59,3 +60,27 @@ def test_top_k_one_is_greedy(k):
     s = Sampler(temperature=5.0, top_k=k, top_p=1.0, min_p=0.0, seed=2)
     picks = {s(logits) for _ in range(200)}
     assert picks == ({1} if k == 1 else {1, 2})
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                    dict(top_p=float("nan")), dict(min_p=float("nan")),
+                                    dict(repeat_penalty=float("inf")), dict(presence_penalty=float("nan")),
+                                    dict(frequency_penalty=float("-inf")), dict(seed=-1)])
+def test_non_finite_or_negative_settings_are_refused(kwargs):
+    with pytest.raises(PyllmError, match=f"{next(iter(kwargs))} must be"):
+        Sampler(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_no_token_left_is_a_clear_error(temperature):
+    """A constraint (or penalty) that removes every token: SamplingError, not numpy's ValueError or token 0."""
+    logits = np.full(8, -np.inf, dtype=np.float32)
+    with pytest.raises(SamplingError, match="no token left to sample"):
+        Sampler(temperature=temperature)(logits)
+
+
+def test_penalty_overflowing_to_infinity_is_a_clear_error():
+    s = Sampler(temperature=0.8, repeat_penalty=1e-300)  # divides positive logits by 0 in float32
+    s.accept(1)
+    with pytest.raises(SamplingError, match="infinity"):
+        s(np.array([0.5, 2.0, 1.0], dtype=np.float32))

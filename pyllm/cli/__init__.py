@@ -8,6 +8,8 @@ import typer
 
 from ..errors import PyllmError
 
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in pyllm, not a problem with the input (README, "Exit status")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run GGUF language models locally: run, chat, batch, bench, perplexity, info, pull.")
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     _register()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="pyllm")
     except PyllmError as e:
         if verbose:
             raise
@@ -47,17 +49,34 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except MemoryError as e:  # a buffer nobody sized up front: a bug, but the user needs the way out first
+        if verbose:
+            raise
+        print(f"pyllm: error: out of memory ({e}); lower --ctx-size or --parallel", file=sys.stderr)
+        sys.exit(1)
     except Exception as e:  # click's usage errors, and anything unexpected
         if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):  # a click exception: usage message
-            e.show()
-            sys.exit(e.exit_code)
+            _usage_error(e)
         if verbose:
             raise
         print(f"pyllm: internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)",
               file=sys.stderr)
-        sys.exit(1)
+        sys.exit(INTERNAL_ERROR)
     if code:  # without standalone mode, typer returns the code of a typer.Exit (and 130 for Ctrl-C) instead of exiting
         sys.exit(code)
+
+
+def _usage_error(e) -> None:
+    """A command line click could not parse: one line naming the problem and where the help is (exit 2).
+    Bare `pyllm` (or a group without its subcommand) still shows the help it asks for."""
+    ctx = getattr(e, "ctx", None)
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    if type(e).__name__ == "NoArgsIsHelpError" or "\n" in message.strip():
+        e.show()
+        sys.exit(e.exit_code)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    print(f"pyllm: error: {message.strip()}{where}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def _stdout_closed() -> bool:

@@ -18,9 +18,9 @@ from typing import Annotated, Any, BinaryIO, List, Optional
 import typer
 
 from . import app
-from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
-                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, sampler_from_options,
-                     set_threads)
+from .common import (CtxSize, Device, ForceCtx, FrequencyPenalty, KvType, MaxMemory, MaxTokens, MinP, ModelArg,
+                     PresencePenalty, RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, check_max_tokens, err,
+                     load_model, sampler_from_options, set_threads)
 from ..errors import PyllmError
 
 FORMATS = ("jsonl", "text")
@@ -191,7 +191,9 @@ def batch(
     system: Annotated[Optional[str], typer.Option("--system", help="system prompt (chat template only)")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="send prompts as they are, without the chat template")] = False,
     ctx_size: CtxSize = None,
+    force_ctx: ForceCtx = False,
     kv_type: KvType = "f16",
+    max_memory: MaxMemory = None,
     threads: Threads = None,
     device: Device = "auto",
     verbose: Verbose = False,
@@ -207,9 +209,14 @@ def batch(
     if input_format not in INPUT_FORMATS:
         raise PyllmError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, not {input_format!r}")
     set_threads(threads)
+    check_max_tokens(max_tokens)
+    if parallel is not None and parallel < 1:
+        raise PyllmError(f"--parallel must be at least 1, not {parallel}")
+    # the options' sampling settings are checked once here, not as an error on every line
+    sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
     stream, source_name = open_input(input)
-    m = load_model(model, verbose, device)
-    n_ctx = m.context_size(ctx_size)
+    m = load_model(model, verbose, device, max_memory)
+    n_ctx = m.context_size(ctx_size, force_ctx)
     engine = ContinuousBatch(m, default_parallel(m, n_ctx, kv_type) if parallel is None else parallel, n_ctx, kv_type)
 
     def request(index: int, fields: dict) -> Request:

@@ -11,15 +11,22 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from ..errors import ContextError, PyllmError
+from ..kv_cache import kv_dtype
 from . import app
-from .common import CtxSize, Device, KvType, ModelArg, Threads, err, load_model, set_threads
+from .common import (CtxSize, Device, ForceCtx, KvType, MaxMemory, ModelArg, Threads, Verbose, err, load_model,
+                     set_threads)
 
 
-def _ints(text: str) -> list[int]:
+def _sizes(text: str, option: str) -> list[int]:
+    """Comma-separated token counts; 0 skips that kind of test (as llama-bench)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        sizes = [int(x) for x in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise PyllmError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if any(n < 0 for n in sizes):
+        raise PyllmError(f"{option}: token counts must be 0 (skip) or more, got {text!r}")
+    return [n for n in sizes if n > 0]
 
 
 def read_bandwidth() -> float:
@@ -94,15 +101,27 @@ def bench(
     import numba
 
     set_threads(threads)
+    pp, tg = _sizes(n_prompt, "--n-prompt"), _sizes(n_gen, "--n-gen")
+    if not pp and not tg:
+        raise PyllmError("nothing to measure: --n-prompt and --n-gen are both 0")
+    if reps < 1:
+        raise PyllmError(f"--repetitions must be at least 1, not {reps}")
+    if output not in ("md", "json"):
+        raise PyllmError(f"--output must be md or json, not {output!r}")
+    kv_dtype(kv_type)
     t0 = time.perf_counter()
     m = load_model(model, False, device)
+    longest = max(pp + tg) + 1
+    if longest > m.config.ctx_train:  # tests run in one context: more tokens than the model was trained on
+        raise ContextError(f"a test of {longest - 1} tokens does not fit in the model's context of "
+                           f"{m.config.ctx_train} tokens")
     load_s = time.perf_counter() - t0
     # time to first token for a short prompt, kernels cold in this process (warm numba cache on disk)
     t0 = time.perf_counter()
     cache = m.new_cache(64, kv_type=kv_type)
     m.eval(cache, m.tokenize("Hello, my name is", add_special=True))
     ttft = time.perf_counter() - t0
-    results = bench_model(m, _ints(n_prompt), _ints(n_gen), max(1, reps), kv_type)
+    results = bench_model(m, pp, tg, reps, kv_type)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     bandwidth = read_bandwidth() if any(r["test"].startswith("tg") for r in results) else None
     per_token = weight_bytes_per_token(m)
@@ -135,21 +154,30 @@ def perplexity(
     file: Annotated[Path, typer.Option("--file", "-f", help="text file to score")] = ...,
     ctx_size: CtxSize = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", help="score at most this many chunks")] = None,
+    force_ctx: ForceCtx = False,
+    max_memory: MaxMemory = None,
     threads: Threads = None,
     device: Device = "auto",
+    verbose: Verbose = False,
 ):
     """Perplexity of a text, computed as llama.cpp's llama-perplexity does (second half of each chunk)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..errors import PyllmError
     from ..perplexity import perplexity as compute
 
     set_threads(threads)
+    if ctx_size is None or ctx_size < 4:  # half of each chunk is scored: fewer than 4 tokens leaves one or none
+        raise PyllmError(f"--ctx-size must be at least 4 for perplexity, not {ctx_size}")
+    if chunks is not None and chunks < 1:
+        raise PyllmError(f"--chunks must be at least 1 (leave it out to score every chunk), not {chunks}")
     try:
         text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PyllmError(f"{file}: cannot read: {e}") from None
-    m = load_model(model, False, device)
+    except OSError as e:
+        raise PyllmError(f"{file}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise PyllmError(f"{file}: not UTF-8 text") from None
+    m = load_model(model, verbose, device, max_memory)
+    ctx_size = m.context_size(ctx_size, force_ctx)
     with Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
                   TextColumn("{task.fields[ppl]}"), TimeRemainingColumn(), console=err, transient=True,
                   disable=not err.is_terminal) as bar:
@@ -158,5 +186,5 @@ def perplexity(
         def progress(done, total, ppl):
             bar.update(task, completed=done, total=total, ppl=f"ppl {ppl:.4f}")
 
-        ppl, n = compute(m, text, ctx_size or 512, chunks, progress)
+        ppl, n = compute(m, text, ctx_size, chunks, progress)
     print(f"perplexity: {ppl:.4f} ({n} tokens scored, ctx {ctx_size})")

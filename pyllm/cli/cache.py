@@ -1,7 +1,6 @@
 """Prompt cache options shared by run, chat and batch; `pyllm cache ls` and `pyllm cache clear`."""
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import time
@@ -11,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import err
+from .common import err, parse_size, warn  # noqa: F401  (warn: chat imports it from here)
 from .info import _fmt_bytes
 
 NoPromptCache = Annotated[bool, typer.Option("--no-prompt-cache", help="neither reuse nor store prompt KV state")]
@@ -25,23 +24,6 @@ PromptCacheFile = Annotated[Optional[Path], typer.Option(
 PromptCacheRo = Annotated[bool, typer.Option("--prompt-cache-ro", help="reuse the prompt cache but never write it")]
 PromptCacheAll = Annotated[bool, typer.Option("--prompt-cache-all", help="store the generated tokens too")]
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'2G', '500MB', '1.5g', '4096' -> bytes (binary units)."""
-    from ..errors import PyllmError
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not match:
-        raise PyllmError(f"--prompt-cache-max-size: {text!r} is not a size (e.g. 500M, 2G)")
-    return int(float(match[1]) * _UNITS[match[2]])
-
-
-def warn(message: str) -> None:
-    err.print(f"pyllm: warning: {message}", markup=False)
-
-
 def open_prompt_cache(disabled: bool, directory: Path | None, max_size: str, file: Path | None,
                       read_only: bool):
     """The prompt cache the options ask for: a PromptCacheFile, a PromptCache directory, or None."""
@@ -51,7 +33,7 @@ def open_prompt_cache(disabled: bool, directory: Path | None, max_size: str, fil
         return None
     if file is not None:
         return CacheFile(file, read_only=read_only, warn=warn)
-    return PromptCache(directory, parse_size(max_size), read_only=read_only, warn=warn)
+    return PromptCache(directory, parse_size(max_size, "--prompt-cache-max-size"), read_only=read_only, warn=warn)
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect or empty the prompt cache directory.")

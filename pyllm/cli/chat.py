@@ -12,9 +12,9 @@ import typer
 from ..errors import PyllmError
 from . import app
 from .cache import NoPromptCache, PromptCacheDir, PromptCacheMaxSize, PromptCacheRo, open_prompt_cache, warn
-from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
-                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, sampler_from_options,
-                     set_threads)
+from .common import (CtxSize, Device, ForceCtx, FrequencyPenalty, KvType, MaxMemory, MaxTokens, MinP, ModelArg,
+                     PresencePenalty, RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, check_max_tokens, err,
+                     load_model, sampler_from_options, set_threads)
 
 HISTORY = Path.home() / ".cache" / "pyllm" / "chat_history"
 BLOCK = '"""'
@@ -233,7 +233,9 @@ def chat(
     frequency_penalty: FrequencyPenalty = 0.0,
     seed: Seed = None,
     ctx_size: CtxSize = None,
+    force_ctx: ForceCtx = False,
     kv_type: KvType = "f16",
+    max_memory: MaxMemory = None,
     threads: Threads = None,
     device: Device = "auto",
     no_prompt_cache: NoPromptCache = False,
@@ -247,13 +249,14 @@ def chat(
     from ..chat import Chat
 
     set_threads(threads)
+    check_max_tokens(max_tokens)
+    sampler = sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty,
+                                   seed)
     override = template_override(template)
     prompt_cache = open_prompt_cache(no_prompt_cache, prompt_cache_dir, prompt_cache_max_size, None, prompt_cache_ro)
-    m = load_model(model, verbose, device)
-    conversation = Chat(m, chat_template(m, override),
-                        sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                                             frequency_penalty, seed),
-                        system=system, n_ctx=ctx_size, kv_type=kv_type, max_tokens=max_tokens, seed=seed,
+    m = load_model(model, verbose, device, max_memory)
+    conversation = Chat(m, chat_template(m, override), sampler, system=system,
+                        n_ctx=m.context_size(ctx_size, force_ctx), kv_type=kv_type, max_tokens=max_tokens, seed=seed,
                         prompt_cache=prompt_cache, notify=warn)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,11 @@ CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="contex
 KvType = Annotated[str, typer.Option("--kv-type", help="KV cache element type: f16 or f32")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="timings, and tracebacks on errors")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (CUDA when a GPU is usable)")]
+ForceCtx = Annotated[bool, typer.Option("--force-ctx", help="use a --ctx-size above the model's training context "
+                                        "(otherwise capped to it, with a warning)")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", show_default=False, help="memory the weights and KV cache may take, e.g. 8G (default: what "
+    "the machine has available); a request that needs more is refused before anything is allocated")]
 
 # Sampling (run and chat; defaults as llama.cpp's, written at each command's parameter)
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate (-1: until the "
@@ -36,6 +42,27 @@ RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="penalise
 PresencePenalty = Annotated[float, typer.Option("--presence-penalty")]
 FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="random seed: same seed, same text")]
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'2G', '500MB', '1.5g', '4096' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise PyllmError(f"{option}: {text!r} is not a size (e.g. 500M, 2G)")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def warn(message: str) -> None:
+    err.print(f"pyllm: warning: {message}", markup=False)
+
+
+def check_max_tokens(n: int) -> None:
+    if n < -1:
+        raise PyllmError(f"--max-tokens must be -1 (until the model stops or the context is full) or 0 or more, "
+                         f"not {n}")
 
 
 def set_threads(n: int | None) -> None:
@@ -72,21 +99,25 @@ def pull_progress():
                                     "{task.total}"), console=err, transient=True)
             state["bar"].start()
             state["task"] = state["bar"].add_task(what, total=total)
-        state["bar"].update(state["task"], completed=done, description=what)
+        state["bar"].update(state["task"], completed=done, total=total, description=what)
         if done >= total:
             state["bar"].stop()
 
     return report
 
 
-def load_model(model: str | None, verbose: bool = False, device: str = "auto"):
-    """Resolve (pulling a known model if needed), load, and say so on stderr when useful."""
+def load_model(model: str | None, verbose: bool = False, device: str = "auto", max_memory: str | None = None):
+    """Resolve (pulling a known model if needed), load, and say so on stderr when useful.  --verbose also makes
+    a non-finite result name the first layer it appeared in (the step is run again, checked layer by layer)."""
     from .. import registry
     from ..model import Model
 
+    limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
+    if limit is not None and limit < 1 << 20:
+        raise PyllmError(f"--max-memory {max_memory} is less than 1 MiB: no model fits in it")
     path = registry.resolve(model, progress=pull_progress())
     t0 = time.perf_counter()
-    m = Model(path, device=device)
+    m = Model(path, device=device, warn=warn, diagnose=verbose, max_memory=limit)
     if verbose:
         err.print(f"[dim]loaded {path.name} ({m.config.arch}, {m.config.n_layers} layers) in "
                   f"{time.perf_counter() - t0:.2f} s[/dim]")

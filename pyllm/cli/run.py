@@ -10,9 +10,9 @@ import typer
 from . import app
 from .cache import (NoPromptCache, PromptCacheAll, PromptCacheDir, PromptCacheFile, PromptCacheMaxSize, PromptCacheRo,
                     open_prompt_cache)
-from .common import (CtxSize, Device, FrequencyPenalty, KvType, MaxTokens, MinP, ModelArg, PresencePenalty,
-                     RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, err, load_model, read_prompt, sampler_from_options,
-                     set_threads)
+from .common import (CtxSize, Device, ForceCtx, FrequencyPenalty, KvType, MaxMemory, MaxTokens, MinP, ModelArg,
+                     PresencePenalty, RepeatPenalty, Seed, Temp, Threads, TopK, TopP, Verbose, check_max_tokens, err,
+                     load_model, read_prompt, sampler_from_options, set_threads)
 
 
 @app.command()
@@ -33,7 +33,9 @@ def run(
     system: Annotated[Optional[str], typer.Option("--system", help="system prompt (chat template only)")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="send the prompt as is, without the chat template")] = False,
     ctx_size: CtxSize = None,
+    force_ctx: ForceCtx = False,
     kv_type: KvType = "f16",
+    max_memory: MaxMemory = None,
     threads: Threads = None,
     device: Device = "auto",
     no_prompt_cache: NoPromptCache = False,
@@ -49,6 +51,9 @@ def run(
     from ..generate import Stats, generate, stream_text
 
     set_threads(threads)
+    check_max_tokens(max_tokens)
+    sampler = sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                                   frequency_penalty, seed)
     prefix_cache = open_prompt_cache(no_prompt_cache, prompt_cache_dir, prompt_cache_max_size, prompt_cache,
                                      prompt_cache_ro)
     text = read_prompt(prompt, file)
@@ -56,15 +61,13 @@ def run(
         from ..errors import PyllmError
 
         raise PyllmError("the prompt is empty")
-    m = load_model(model, verbose, device)
+    m = load_model(model, verbose, device, max_memory)
     ids = prompt_tokens(m, text, raw, system)
-    n_ctx = m.context_size(ctx_size)
+    n_ctx = m.context_size(ctx_size, force_ctx)
     cache = m.new_cache(n_ctx, kv_type=kv_type)
     if prefix_cache is not None:
         prefix_cache.restore(m, cache, ids)
     limit = n_ctx - len(ids) if max_tokens < 0 else max_tokens
-    sampler = sampler_from_options(temp, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                                   frequency_penalty, seed)
     stats = Stats()
     tokens = generate(m, cache, ids, sampler, max_tokens=max(limit, 0), stats=stats)
     out = sys.stdout

@@ -91,10 +91,13 @@ class Transformer:
             vec = raw.view(np.float16).astype(np.float32)
         else:
             vec = dequantize(QTensor(name, info.qtype, (1, shape[0]), raw.reshape(1, -1)))[0]
+        if not np.isfinite(vec).all():  # converted here anyway: checking costs nothing, and a NaN norm spoils all
+            raise GGUFError(f"{self._gf.path}: tensor {name!r} holds {int((~np.isfinite(vec)).sum())} NaN or "
+                            f"infinite values")
         return self.backend.upload_vector(vec)
 
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slot: np.ndarray, kv, logit_rows: np.ndarray,
-                decode: bool = False) -> np.ndarray:
+                decode: bool = False, probe=None) -> np.ndarray:
         """Run T tokens through the model, writing their keys/values into `kv`.
 
         tokens, pos, slot: [T] (token t sits at position pos[t] of sequence slot[t]; tokens of one slot in
@@ -102,7 +105,10 @@ class Transformer:
         decode: a decoding step (one new token per sequence; int8 activations, memory-bound) rather than prompt
         processing (qmatmul's "prefill" path: float tiles or int8 by quant type, compute-bound).  Each path computes every row the same way whatever T is, so a
         sequence's result never depends on what else is in the batch or how its prompt was chunked.
+        probe(name, array): called with each stage's output when given (Model uses it to find the first layer
+        whose output is NaN or inf).
         """
+        probe = probe or (lambda name, x: None)
         c, k_ = self.config, self.backend
         path = "int8" if decode else "prefill"
 
@@ -114,6 +120,7 @@ class Transformer:
         x = k_.get_rows(self.token_embd, tokens)  # [T, d_model]
         if c.embed_scale != 1.0:
             k_.scale(x, c.embed_scale)
+        probe("token_embd (the embedding rows)", x)
         h = k_.empty((T, c.d_model))  # [T, d_model] normed input of each sub-block
         attn = k_.empty((T, c.q_dim))  # [T, n_heads * head_dim]
         eps = np.float32(c.norm_eps)
@@ -139,6 +146,7 @@ class Transformer:
             if "post_attention_norm.weight" in L:
                 k_.rmsnorm(o, L["post_attention_norm.weight"], eps, o)
             k_.add(x, o)
+            probe(f"blk.{il} attention", x)
             # feed-forward
             k_.rmsnorm(x, L["ffn_norm.weight"], eps, h)
             gate = matmul(L["ffn_gate.weight"], h)  # [T, n_ff]
@@ -148,6 +156,8 @@ class Transformer:
             if "post_ffw_norm.weight" in L:
                 k_.rmsnorm(o, L["post_ffw_norm.weight"], eps, o)
             k_.add(x, o)
+            probe(f"blk.{il} feed-forward", x)
         out = k_.take_rows(x, logit_rows)  # [R, d_model]
         k_.rmsnorm(out, self.output_norm, eps, out)
+        probe("output_norm", out)
         return k_.to_numpy(matmul(self.output, out))  # [R, n_vocab]
