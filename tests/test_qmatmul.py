@@ -199,30 +199,41 @@ def test_block_dots_on_every_path(qtype, isa, monkeypatch):
     assert np.array_equal(y, np.concatenate([dots(x[t:t + 1]) for t in range(9)]))
 
 
-AVXVNNI_COMPILE = """
-import numba, re
+COMPILE_FOR = """
+import numba, re, sys
 from numba import types as t
 from pyllm.kernels import qmatmul
-assert qmatmul.host_isa() == "avxvnni", qmatmul.host_isa()
-f = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(2, w, xq, xdv, xs, xm, res))  # Q4_0
+print(qmatmul.host_isa())
 a = lambda dt, nd: t.Array(dt, nd, "C")
 sig = (a(t.uint8, 1), a(t.int8, 3), a(t.float32, 3), a(t.int32, 3), a(t.float32, 2), a(t.float32, 1))
-f.compile(sig)
-asm = f.inspect_asm(sig)
-print(len(re.findall(r"\\{vex\\}\\tvpdpbusd\\t.*%ymm", asm)), asm.count("%zmm"))
+for code in (2, 8, 12, 14):  # Q4_0, Q8_0, Q4_K, Q6_K
+    f = numba.njit(lambda w, xq, xdv, xs, xm, res: qmatmul._row_dots(code, w, xq, xdv, xs, xm, res))
+    f.compile(sig)
+    asm = f.inspect_asm(sig)
+    print(len(re.findall(r"\\{vex\\}\\tvpdpbusd", asm)), len(re.findall(r"vpdpbusd\\t.*%zmm", asm)),
+          asm.count("vpmaddubsw"))
 """
+AVX2 = "+64bit,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2"
 
 
-def test_avx_vnni_path_compiles(tmp_path):
-    """AVX-VNNI (256-bit vpdpbusd, Alder Lake, Zen 5) compiled for such a CPU here, without running it: an
-    AVX2 feature string plus avxvnni, as NUMBA_CPU_NAME / NUMBA_CPU_FEATURES would be set to measure one."""
-    features = "+64bit,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+avxvnni,-avx512f,-avx512vl,-avx512vnni"
-    env = {**os.environ, "NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": features,
-           "NUMBA_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", AVXVNNI_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("cpu, features, isa", [
+    ("alderlake", AVX2 + ",+avxvnni,-avx512f,-avx512vl,-avx512vnni", "avxvnni"),
+    ("sapphirerapids", AVX2 + ",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni", "avx512vnni"),
+])
+def test_vnni_paths_compile(tmp_path, cpu, features, isa):
+    """The paths of CPUs this one cannot stand in for, compiled for such a CPU here without running them (as
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES would be set to measure one): legacy types dot bytes with vpdpbusd
+    (VEX-encoded 256-bit on AVX-VNNI, 512-bit on AVX-512 VNNI), K-quants with vpmaddubsw (_scaled_dots)."""
+    env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    vex_dots, zmm = map(int, out.stdout.split())
-    assert vex_dots >= 8 and zmm == 0
+    lines = out.stdout.split("\n")
+    assert lines[0] == isa
+    counts = [tuple(map(int, line.split())) for line in lines[1:5]]  # (vex dots, zmm dots, vpmaddubsw) per type
+    for vex, zmm, maddubs in counts[:2]:  # legacy
+        assert (vex > 0, zmm > 0, maddubs) == (isa == "avxvnni", isa == "avx512vnni", 0)
+    for vex, zmm, maddubs in counts[2:]:  # K-quants
+        assert (vex, zmm) == (0, 0) and maddubs > 0
 
 
 def test_matmul_writes_out_and_checks_shape():
