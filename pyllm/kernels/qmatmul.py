@@ -171,15 +171,8 @@ def _times(builder, v, scale):
                                  [0] * v.type.count))
 
 
-def _floats(builder, ints, scale, signed=False):
-    """Integer vector -> float vector times the float scalar `scale`."""
-    fv = _vec(_f32t, ints.type.count)
-    return _times(builder, builder.sitofp(ints, fv) if signed else builder.uitofp(ints, fv), scale)
 
 
-def _per_lane(builder, scales, first):
-    """<16 x float> weight scales of 64 values from per-16 (4 lanes each) scales scales[first..first+3]."""
-    return _pick(builder, scales, [first + i // 4 for i in range(16)])
 
 
 class _Row:
@@ -232,9 +225,9 @@ def _unit_block32(r, o, qtype, tail, signed=False):
 
 class _KUnit:
     """What a K-quant super-block gives _row_dots: pair(p) emits, for the values 64p..64p+63, the unsigned
-    bytes q and the integer scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots), called just
-    before they are used (all four unpacked up front kept ~16 AVX2 registers live: spills); the integer scale
-    of each 16 values (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types
+    bytes q and the integer scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots), where they are
+    used (LLVM schedules them anyway: a group of 8 rows spills ~2 AVX2 registers per vpmaddubsw, and still
+    beats groups of 4 or 2, measured); the integer scale of each 16 values (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types
     with mins), and the float factors d (of the scales) and dmin (of the mins): value = d * scale * (q -
     offset) - dmin * min."""
 
@@ -378,7 +371,7 @@ def _scaled_dots(builder, q, xv, lane_scales, isa):
     unsigned bytes below 64 (so that vpmaddubsw's int16 pairs cannot overflow), x signed bytes and
     lane_scales <16 x i16> the integer scale of each 4 values.  Exact in int32 for a whole K-quant super-block."""
     b = builder
-    v8i, v16s, v32b = _vec(_i32, 8), _vec(_i16, 16), _vec(_i8, 32)
+    v8i, v16s = _vec(_i32, 8), _vec(_i16, 16)
     if isa == "portable":
         v64i = _vec(_i32, 64)
         prod = b.mul(b.mul(b.zext(q, v64i), b.sext(xv, v64i)), b.sext(_pick(b, lane_scales, [i // 4 for i in range(64)]), v64i))
