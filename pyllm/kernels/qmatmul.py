@@ -171,10 +171,6 @@ def _times(builder, v, scale):
                                  [0] * v.type.count))
 
 
-
-
-
-
 class _Row:
     """Reads one weight row (a uint8 array) in IR at byte offsets: o, an IR i64, plus a constant."""
 
