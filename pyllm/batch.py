@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -258,16 +259,18 @@ class QueueFull(PyllmError):
 class BatchThread:
     """A ContinuousBatch driven by a thread of its own, for front ends that take requests while it decodes (the
     server).  submit() from any thread; a request joins the batch between two decoding steps, and hears of its
-    tokens and its end through its on_token / on_done callbacks, called on this thread.
+    tokens and its end through its on_token / on_done callbacks, called on this thread (on_done exactly once).
 
-    Requests beyond the free slots wait in a queue of at most max_queue.  An unexpected error in a step ends
-    the requests it touched with an error Result (the others go on), so no request waits forever.
+    Requests beyond the free slots wait in a queue of at most max_queue; one cancelled while it waits leaves the
+    queue at the next step.  An unexpected error in a step ends the requests it touched with an error Result
+    (the next ones still run), so no request waits forever.
     """
 
     def __init__(self, batch: ContinuousBatch, max_queue: int):
         self.batch, self.max_queue = batch, max_queue
-        self._queue: queue.Queue = queue.Queue()  # Requests, then None to stop; bounded by submit()
-        self._lock = threading.Lock()
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()  # guards _waiting and _stopping
+        self._stopping = False
         self._joining: list[Request] = []  # taken from the queue, being prefilled
         self.ready = threading.Event()  # set once the first forward passes have run (kernels compiled)
         self.failure: BaseException | None = None  # why the thread stopped, if not asked to
@@ -279,7 +282,7 @@ class BatchThread:
 
     @property
     def n_queued(self) -> int:
-        return self._queue.qsize()
+        return sum(not r.cancelled for r in list(self._waiting))
 
     @property
     def n_busy(self) -> int:
@@ -288,16 +291,18 @@ class BatchThread:
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests, all or none: QueueFull when they do not all fit."""
-        with self._lock:
-            if self._queue.qsize() + len(requests) > self.max_queue:
-                raise QueueFull(f"{self._queue.qsize()} requests are waiting already (the queue holds "
-                                f"{self.max_queue})")
-            for request in requests:
-                self._queue.put(request)
+        with self._wake:
+            waiting = sum(not r.cancelled for r in self._waiting)
+            if waiting + len(requests) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting already (the queue holds {self.max_queue})")
+            self._waiting.extend(requests)
+            self._wake.notify()
 
     def stop(self, timeout: float | None = None) -> None:
         """End the thread after the current step; requests still queued or running end as "cancelled"."""
-        self._queue.put(None)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         self.thread.join(timeout)
 
     def _main(self) -> None:
@@ -308,12 +313,12 @@ class BatchThread:
                 pass
         except BaseException as e:  # a failure outside any step: nothing more can run
             self.failure = e
-        self._end_all("cancelled", "the server is stopping")
+        self._end_all("cancelled", "")
 
     def _warm_up(self) -> None:
-        """One prefill and one decoding step, so the first request does not wait for the kernels to compile."""
+        """A prefill and a decoding step, so that the first request does not wait for the kernels to compile."""
         batch = self.batch
-        batch.add([Request([0, 0], max_tokens=2)])
+        batch.add([Request([0] * min(64, batch.cache.n_ctx - 1), max_tokens=2)])
         batch.step()
         batch.running.clear()
         for slot in range(batch.cache.n_slots):
@@ -325,17 +330,19 @@ class BatchThread:
     def _turn(self) -> bool:
         """Take what fits in the free slots, prefill it, run one decoding step; False once asked to stop."""
         batch = self.batch
-        more = True
-        while len(self._joining) < batch.n_free:
-            try:  # wait only while nothing runs
-                request = self._queue.get(block=not batch.running and not self._joining)
-            except queue.Empty:
-                break
-            if request is None:
-                more = False
-                break
-            self._joining.append(request)
+        with self._wake:
+            while not self._stopping and not self._waiting and not batch.running:  # idle: sleep until a request
+                self._wake.wait()
+            if self._stopping:
+                return False
+            gone = [r for r in self._waiting if r.cancelled]
+            if gone:  # they join and leave at once (add ends them unprefilled), not waiting for a free slot
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            while self._waiting and len(self._joining) < batch.n_free:
+                self._joining.append(self._waiting.popleft())
         try:
+            if gone:
+                batch.add(gone)
             if self._joining:
                 batch.add(self._joining)
             self._joining = []
@@ -343,18 +350,15 @@ class BatchThread:
                 batch.step()
         except Exception as e:  # a bug or a broken model: these requests end, the next ones may still run
             self._end_all("error", f"internal error: {type(e).__name__}: {e}", queued=False)
-        return more
+        return True
 
     def _end_all(self, reason: str, message: str, queued: bool = True) -> None:
         """End every request joining, running and (if queued) waiting, with this finish_reason and message."""
         requests = self._joining + [seq.request for seq in self.batch.running.values()]
-        while queued:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if request is not None:
-                requests.append(request)
+        if queued:
+            with self._wake:
+                requests += self._waiting
+                self._waiting = deque()
         self._joining = []
         self.batch.running.clear()
         for slot in range(self.batch.cache.n_slots):  # a step cut short may have left any slot half-written
@@ -363,7 +367,7 @@ class BatchThread:
         for request in requests:
             done, request.on_done = request.on_done, None
             if done is not None:
-                result = Result(request.id, error=message if reason == "error" else "")
+                result = Result(request.id, error=message)
                 result.stats.finish_reason = reason
                 done(result)
 

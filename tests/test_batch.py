@@ -332,7 +332,7 @@ def test_full_queue_takes_none_of_a_request(tiny):
     engine = thread_for(tiny, 1, max_queue=2)
     try:
         p = prompts(tiny, 1)[0]
-        hold = Listener(cancel_after=50)
+        hold = Listener(cancel_after=200)
         engine.submit([hold.attach(Request(p, max_tokens=10_000))])  # keeps the slot while the queue fills
         deadline = time.monotonic() + 30
         while engine.n_busy == 0 and time.monotonic() < deadline:
@@ -342,7 +342,13 @@ def test_full_queue_takes_none_of_a_request(tiny):
         with pytest.raises(QueueFull):
             engine.submit([Request(p, max_tokens=2)])
         assert engine.n_queued == 2
-        assert all(ls.done.wait(60) for ls in [hold] + queued)
+        queued[0].request.cancelled = True  # its client left: its place is free at once, it ends at the next step
+        assert engine.n_queued == 1
+        late = Listener()
+        engine.submit([late.attach(Request(p, max_tokens=2))])
+        assert queued[0].done.wait(60) and queued[0].result.stats.finish_reason == "cancelled"
+        assert not hold.done.is_set()  # it ended without waiting for the slot
+        assert all(ls.done.wait(60) for ls in [hold, queued[1], late])
     finally:
         engine.stop(10)
 
