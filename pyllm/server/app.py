@@ -207,7 +207,7 @@ def check_model(server: Server, fields: Fields) -> None:
     if not isinstance(name, str):
         raise ApiError(400, "'model' must be a string", param="model")
     if name != server.name and name not in server.aliases:
-        raise ApiError(404, f"the model {api._show(name)} does not exist here: this server runs {server.name!r}",
+        raise ApiError(404, f"the model {api.show(name)} does not exist here: this server runs {server.name!r}",
                        param="model", code="model_not_found")
 
 
@@ -224,7 +224,7 @@ async def completions(request: Request, chat: bool) -> Response:
     api.check_prompts(g, prompts, server.n_ctx, chat)
     metrics: Metrics = request.app.state.metrics
     job = Job(metrics)
-    for p, prompt in enumerate(g.prompts):
+    for prompt in g.prompts:
         for c in range(g.n):
             seed = None if g.seed is None else (g.seed + c) % 2**64
             try:

@@ -59,11 +59,11 @@ def _name(param: str, index: int | None = None, key: str | None = None) -> str:
 
 
 def _bad(param: str, rule: str, value: Any = None) -> ApiError:
-    shown = f", not {_show(value)}" if value is not None else ""
+    shown = f", not {show(value)}" if value is not None else ""
     return ApiError(400, f"'{param}' must be {rule}{shown}", param=param.split("[")[0].split(".")[0])
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     """A short, ASCII-safe picture of a value for an error message (the value may be huge or hostile)."""
     text = ascii(value) if not isinstance(value, (dict, list)) else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
@@ -185,7 +185,7 @@ def chat_prompt(model, template, fields: Fields) -> list[int]:
         if not isinstance(m, dict):
             raise _bad(_name("messages", i), "an object with \"role\" and \"content\"", m)
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(_name("messages", i, "role"), "one of " + ", ".join(ROLES), role)
         plain.append({"role": ROLES[role], "content": message_text(m.get("content"), _name("messages", i, "content"),
                                                                    role)})
