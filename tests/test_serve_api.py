@@ -1,7 +1,8 @@
 """pyllm serve against bad and hostile requests, on a tiny random model (a real server process, real HTTP):
 every one gets OpenAI's error object with the right status, never a 5xx, and the server stays healthy.
 Plus the endpoints beside completions (models, tokenize, detokenize, metrics), the API key and a fuzz of
-request bodies (hypothesis; PYLLM_FUZZ_EXAMPLES sets how many, 200 by default)."""
+request bodies (hypothesis; PYLLM_FUZZ_EXAMPLES sets how many, 200 by default; PYLLM_FUZZ_SEED=N draws
+other bodies than the fixed ones)."""
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from serving import serve
 from tiny import write_tiny_model
@@ -250,10 +251,12 @@ def mutate(raw: bytes, data) -> bytes:
 
 
 FUZZ_EXAMPLES = int(os.environ.get("PYLLM_FUZZ_EXAMPLES", "200"))
+FUZZ_SEED = os.environ.get("PYLLM_FUZZ_SEED")  # unset: the same bodies every run (CI); set: other ones
 fuzz_count = {"bodies": 0, "ok": 0}
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+@(seed(int(FUZZ_SEED)) if FUZZ_SEED else (lambda f: f))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not FUZZ_SEED, database=None,
           suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(PATHS), body=bodies, raw=st.booleans(), data=st.data())
 def fuzz_one(server, path, body, raw, data):
@@ -286,3 +289,23 @@ def test_fuzz_request_bodies(server):
     assert server.health()["status"] == "ok"
     server.wait_idle(within=5.0)
     assert "Traceback" not in "\n".join(server.log_lines())
+
+
+def test_start_up_errors_are_one_line(tiny_path, tmp_path):
+    import socket
+    import subprocess
+
+    from serving import PYLLM
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for args, code in ((["serve", str(tmp_path / "missing.gguf")], 2),
+                           (["serve", str(tiny_path), "--port", str(taken.getsockname()[1])], 1),
+                           (["serve", str(tiny_path), "--port", "0", "--max-queue", "-1"], 1)):
+            r = subprocess.run(PYLLM + args, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+            assert r.returncode == code and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert r.stderr.startswith("pyllm: error: ") and "Traceback" not in r.stderr
+    finally:
+        taken.close()
