@@ -15,6 +15,7 @@ import pytest
 from serving import PYLLM, serve
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # greedy goes on counting: a long answer, no early end
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
              "What is 2 + 2?", "Why is the sky blue?", "Give me a word that rhymes with cat.",
              "What do bees make?", "Translate 'thank you' into Spanish."]
@@ -158,24 +159,23 @@ def generated_total(server) -> float:
 
 
 def test_a_client_that_leaves_frees_its_slot(one_slot):
-    body = {"messages": messages("Tell me a very long story about a dragon."), "temperature": 0,
-            "max_tokens": 3000, "stream": True}
-    with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json=body, timeout=300) as r:
+    body = {"prompt": COUNTING, "temperature": 0, "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", one_slot.url + "/v1/completions", json=body, timeout=300) as r:
         for n, _ in enumerate(r.iter_lines()):
             if n >= 6:
                 break
     one_slot.wait_idle(within=1.0)
     # not streaming: the client gives up while the answer is being decoded
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(one_slot.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        httpx.post(one_slot.url + "/v1/completions", json={**body, "stream": False}, timeout=1.0)
     one_slot.wait_idle(within=1.0)
     # queued: a request waiting behind a long one leaves; it is never run (its tokens never counted)
     before = generated_total(one_slot)
-    with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json=body, timeout=300) as r:
+    with httpx.stream("POST", one_slot.url + "/v1/completions", json=body, timeout=300) as r:
         lines = r.iter_lines()
         next(lines)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(one_slot.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5},
+            httpx.post(one_slot.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 5},
                        timeout=0.3)
     one_slot.wait_idle(within=1.0)
     out = client(one_slot).chat.completions.create(model="smollm2-135m", messages=messages("Hi"), max_tokens=4)
@@ -186,13 +186,13 @@ def test_a_client_that_leaves_frees_its_slot(one_slot):
 
 
 def test_full_queue_is_429_with_retry_after(one_slot):
-    body = {"messages": messages("Count from one to one hundred."), "temperature": 0, "max_tokens": 3000,
-            "stream": True}
-    with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json=body, timeout=300) as running:
-        next(running.iter_lines())
-        with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json=body, timeout=300) as queued:
-            time.sleep(0.3)  # its headers come when it starts: it sits in the queue (of 1) meanwhile
-            r = httpx.post(one_slot.url + "/v1/chat/completions", json=body, timeout=30)
+    body = {"prompt": COUNTING, "temperature": 0, "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", one_slot.url + "/v1/completions", json=body, timeout=300) as running:
+        lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
+        next(lines)
+        with httpx.stream("POST", one_slot.url + "/v1/completions", json=body, timeout=300) as queued:
+            time.sleep(0.3)  # its headers come at once, but it waits in the queue (of 1) for the slot
+            r = httpx.post(one_slot.url + "/v1/completions", json=body, timeout=30)
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "queue_full"
             del queued
@@ -216,8 +216,8 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(smollm2, tmp_path):
 
 def test_sigterm_past_the_grace_period_cancels_and_exits_0(smollm2, tmp_path):
     with serve(smollm2, "--parallel", "1", "--shutdown-timeout", "0.5", log_dir=tmp_path) as s:
-        body = {"messages": messages(QUESTIONS[4]), "temperature": 0, "max_tokens": 3000, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=300) as r:
+        body = {"prompt": COUNTING, "temperature": 0, "max_tokens": 3000, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as r:
             lines = r.iter_lines()
             next(lines)
             s.proc.send_signal(signal.SIGTERM)
