@@ -59,3 +59,14 @@ def test_top_k_one_is_greedy(k):
     s = Sampler(temperature=5.0, top_k=k, top_p=1.0, min_p=0.0, seed=2)
     picks = {s(logits) for _ in range(200)}
     assert picks == ({1} if k == 1 else {1, 2})
+
+
+def test_a_temperature_near_zero_is_greedy_not_nan():
+    """Found by the server's fuzz: temperature 5e-324 made logits / T overflow, and the draw failed on NaN."""
+    import numpy as np
+
+    from pyllm.sampling import Sampler
+
+    logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
+    for t in (5e-324, 1e-300, 1e-30):
+        assert Sampler(temperature=t, seed=0)(logits) == 1
