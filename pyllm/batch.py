@@ -16,9 +16,13 @@ from the prefill path, as they would for the new prompt alone (generated tokens 
 from __future__ import annotations
 
 import queue
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from .errors import NumericError, PyllmError, SamplingError
 from .generate import Stats, TextStream, plan_prefill
@@ -40,6 +44,15 @@ class Request:
     sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0))
     stop: list[str] = field(default_factory=list)  # end the text before the first of these
     id: Any = None  # echoed in the result
+    logprobs: int | None = None  # record each token's log-probability and the top `logprobs` alternatives
+    # For front ends that stream (the server).  Both are called on the thread that drives the batch and must not
+    # block it.  on_token(token, text, logprob): the text is what is now safe to show ("" while it may still
+    # become a stop string or half a character; the rest comes in Result.text); logprob as in Result.logprobs.
+    on_token: Callable[[int, str, Any], None] | None = None
+    on_done: Callable[["Result"], None] | None = None
+    # Set from any thread: the sequence ends (finish_reason "cancelled") before the next decoding step, or
+    # without being prefilled when it has not started.
+    cancelled: bool = False
 
 
 @dataclass
@@ -49,6 +62,18 @@ class Result:
     tokens: list[int] = field(default_factory=list)  # generated ids, without the end-of-generation token
     stats: Stats = field(default_factory=Stats)  # finish_reason: "stop", "length", "context" or "error"
     error: str = ""  # why the request could not run
+    # with Request.logprobs: per generated token, (its log-probability, [(id, log-probability)] of the most
+    # likely tokens, best first), from the model's distribution before any penalty or sampling filter
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+def token_logprobs(logits, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax(logits)[token] and the `top` most likely (id, log-probability), best first."""
+    logits = logits.astype(np.float64)  # [n_vocab]
+    logz = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+    best = np.argpartition(-logits, top - 1)[:top] if 0 < top < len(logits) else np.arange(len(logits))[:top]
+    best = best[np.argsort(-logits[best], kind="stable")]
+    return float(logits[token] - logz), [(int(i), float(logits[i] - logz)) for i in best]
 
 
 class _Sequence:
@@ -77,6 +102,12 @@ class _Sequence:
         stats.n_generated += 1
         self.result.tokens.append(token)
         self.pieces.append(self.text.feed(token))
+        logprob = None
+        if request.logprobs is not None:
+            logprob = token_logprobs(logits, token, request.logprobs)
+            self.result.logprobs.append(logprob)
+        if request.on_token is not None:
+            request.on_token(token, self.pieces[-1], logprob)
         if self.text.stopped:
             return self._end("stop")
         if stats.n_generated >= request.max_tokens:
@@ -88,9 +119,16 @@ class _Sequence:
 
     def _end(self, reason: str) -> bool:
         self.result.stats.finish_reason = reason
-        self.result.stats.generate_s = time.perf_counter() - self.t0
+        self.result.stats.generate_s = time.perf_counter() - self.t0 if self.t0 else 0.0
         self.result.text = "".join(self.pieces) + self.text.finish()
         return True
+
+    def over(self) -> Result:
+        """The finished sequence's Result, after telling its request's on_done (once: it is cleared)."""
+        done, self.request.on_done = self.request.on_done, None
+        if done is not None:
+            done(self.result)
+        return self.result
 
 
 class ContinuousBatch:
@@ -128,10 +166,15 @@ class ContinuousBatch:
     def add(self, requests: list[Request]) -> list[Result]:
         """Prefill requests (at most n_free) together, each into the free slot that shares most of its prompt
         (and with the longest prefix any slot holds).  Returns the Results of those over already (they cannot
-        run, or end on their first token); the others run in the next steps."""
+        run, were cancelled, or end on their first token); the others run in the next steps."""
         free = [s for s in range(self.cache.n_slots) if s not in self.running]
         over, joining, todo = [], [], []
         for request in requests:
+            if request.cancelled:  # gone while it waited: never prefilled
+                seq = _Sequence(self.model, self.cache, request, -1)
+                seq._end("cancelled")
+                over.append(seq.over())
+                continue
             slot = self._place(request.prompt, free)
             seq = _Sequence(self.model, self.cache, request, slot)
             try:
@@ -139,7 +182,7 @@ class ContinuousBatch:
                                                 seq.result.stats)))
             except PyllmError as e:  # an empty or over-long prompt: that request fails, the others go on
                 seq.result.error, seq.result.stats.finish_reason = str(e), "error"
-                over.append(seq.result)
+                over.append(seq.over())
                 continue
             free.remove(slot)
             joining.append(seq)
@@ -153,7 +196,7 @@ class ContinuousBatch:
                 self.cache.trim(0, seq.slot)
                 self.n_prompt[seq.slot] = 0
                 seq.result.error, seq.result.stats.finish_reason = str(e), "error"
-            return over + [seq.result for seq in joining]
+            return over + [seq.over() for seq in joining]
         spent = time.perf_counter() - t0
         n_prefill = sum(len(tokens) for _, tokens in todo)
         self.n_prefill += n_prefill
@@ -163,19 +206,28 @@ class ContinuousBatch:
             stats = seq.result.stats
             stats.prefill_s = spent * stats.n_prefill / n_prefill  # its share of the joint prefill
             seq.t0 = time.perf_counter()
-            if seq.request.max_tokens <= 0:
+            if seq.request.cancelled:
+                seq._end("cancelled")
+            elif seq.request.max_tokens <= 0:
                 seq._end("length")
             elif not seq.take(row):
                 self.running[seq.slot] = seq
                 continue
-            over.append(seq.result)
+            over.append(seq.over())
         return over
 
     def step(self) -> list[Result]:
-        """One forward pass over every running sequence's last token; returns the sequences that ended."""
-        slots = list(self.running)
-        t0 = time.perf_counter()
+        """One forward pass over every running sequence's last token; returns the sequences that ended (those
+        cancelled since the last step end before it, without a token more)."""
         done = []
+        for s in [s for s, seq in self.running.items() if seq.request.cancelled]:
+            seq = self.running.pop(s)
+            seq._end("cancelled")
+            done.append(seq.over())
+        slots = list(self.running)
+        if not slots:
+            return done
+        t0 = time.perf_counter()
         try:
             logits = self.model.decode(self.cache, slots, [self.running[s].last for s in slots])  # [N, n_vocab]
         except NumericError as e:  # only the sequences whose logits are not finite fail; the others go on
@@ -183,10 +235,10 @@ class ContinuousBatch:
             for i in e.rows:
                 seq = self.running.pop(slots[i])
                 seq.result.error, seq.result.stats.finish_reason = str(e), "error"
-                done.append(seq.result)
+                done.append(seq.over())
         for i, s in enumerate(slots):
             if s in self.running and self.running[s].take(logits[i]):
-                done.append(self.running.pop(s).result)
+                done.append(self.running.pop(s).over())
         self.decode_s += time.perf_counter() - t0
         self.n_decoded += len(slots)
         return done
@@ -216,6 +268,126 @@ class ContinuousBatch:
                 yield from self.add(joining)
             if self.running:
                 yield from self.step()
+
+
+class QueueFull(PyllmError):
+    """The queue in front of the batch is full: the request was not taken."""
+
+
+class BatchThread:
+    """A ContinuousBatch driven by a thread of its own, for front ends that take requests while it decodes (the
+    server).  submit() from any thread; a request joins the batch between two decoding steps, and hears of its
+    tokens and its end through its on_token / on_done callbacks, called on this thread (on_done exactly once).
+
+    Requests beyond the free slots wait in a queue of at most max_queue; one cancelled while it waits leaves the
+    queue at the next step.  An unexpected error in a step ends the requests it touched with an error Result
+    (the next ones still run), so no request waits forever.
+    """
+
+    def __init__(self, batch: ContinuousBatch, max_queue: int):
+        self.batch, self.max_queue = batch, max_queue
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()  # guards _waiting and _stopping
+        self._stopping = False
+        self._joining: list[Request] = []  # taken from the queue, being prefilled
+        self.ready = threading.Event()  # set once the first forward passes have run (kernels compiled)
+        self.failure: BaseException | None = None  # why the thread stopped, if not asked to
+        self.thread = threading.Thread(target=self._main, name="pyllm-batch", daemon=True)
+
+    def start(self) -> "BatchThread":
+        self.thread.start()
+        return self
+
+    @property
+    def n_queued(self) -> int:
+        return sum(not r.cancelled for r in list(self._waiting))
+
+    @property
+    def n_busy(self) -> int:
+        """Slots prefilling or decoding a request."""
+        return len(self.batch.running) + len(self._joining)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests, all or none: QueueFull when they do not all fit."""
+        with self._wake:
+            waiting = sum(not r.cancelled for r in self._waiting)
+            if waiting + len(requests) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting already (the queue holds {self.max_queue})")
+            self._waiting.extend(requests)
+            self._wake.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread after the current step; requests still queued or running end as "cancelled"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self.thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            self._warm_up()
+            self.ready.set()
+            while self._turn():
+                pass
+        except BaseException as e:  # a failure outside any step: nothing more can run
+            self.failure = e
+        self._end_all("cancelled", "")
+
+    def _warm_up(self) -> None:
+        """A prefill and a decoding step, so that the first request does not wait for the kernels to compile."""
+        batch = self.batch
+        batch.add([Request([0] * min(64, batch.cache.n_ctx - 1), max_tokens=2)])
+        batch.step()
+        batch.running.clear()
+        for slot in range(batch.cache.n_slots):
+            batch.cache.trim(0, slot)
+        batch.n_prompt = [0] * batch.cache.n_slots
+        batch.n_prefill = batch.n_decoded = 0
+        batch.prefill_s = batch.decode_s = 0.0
+
+    def _turn(self) -> bool:
+        """Take what fits in the free slots, prefill it, run one decoding step; False once asked to stop."""
+        batch = self.batch
+        with self._wake:
+            while not self._stopping and not self._waiting and not batch.running:  # idle: sleep until a request
+                self._wake.wait()
+            if self._stopping:
+                return False
+            gone = [r for r in self._waiting if r.cancelled]
+            if gone:  # they join and leave at once (add ends them unprefilled), not waiting for a free slot
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            while self._waiting and len(self._joining) < batch.n_free:
+                self._joining.append(self._waiting.popleft())
+        try:
+            if gone:
+                batch.add(gone)
+            if self._joining:
+                batch.add(self._joining)
+            self._joining = []
+            if batch.running:
+                batch.step()
+        except Exception as e:  # a bug or a broken model: these requests end, the next ones may still run
+            self._end_all("error", f"internal error: {type(e).__name__}: {e}", queued=False)
+        return True
+
+    def _end_all(self, reason: str, message: str, queued: bool = True) -> None:
+        """End every request joining, running and (if queued) waiting, with this finish_reason and message."""
+        requests = self._joining + [seq.request for seq in self.batch.running.values()]
+        if queued:
+            with self._wake:
+                requests += self._waiting
+                self._waiting = deque()
+        self._joining = []
+        self.batch.running.clear()
+        for slot in range(self.batch.cache.n_slots):  # a step cut short may have left any slot half-written
+            self.batch.cache.trim(0, slot)
+        self.batch.n_prompt = [0] * self.batch.cache.n_slots
+        for request in requests:
+            done, request.on_done = request.on_done, None
+            if done is not None:
+                result = Result(request.id, error=message)
+                result.stats.finish_reason = reason
+                done(result)
 
 
 def default_parallel(model, n_ctx: int, kv_type: str = "f16") -> int:

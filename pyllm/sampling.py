@@ -106,5 +106,9 @@ class Sampler:
         vals = vals.astype(np.float64)  # only the kept candidates: probabilities summed in double
         ids, vals = top_p(ids, vals, self.p)
         ids, vals = min_p(ids, vals, self.min_p)
-        probs = softmax(vals / self.temperature)
+        with np.errstate(over="ignore"):
+            scaled = vals / self.temperature
+        if not np.isfinite(scaled[0]):  # a temperature so close to 0 (5e-324) that it overflows: greedy
+            return int(ids[0])
+        probs = softmax(scaled)
         return int(ids[self.rng.choice(len(ids), p=probs)])

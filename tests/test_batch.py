@@ -5,6 +5,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -247,3 +248,150 @@ def test_output_keeps_input_order_and_drains_on_interrupt(capfdbinary):
     text = Output("text", ordered=False)
     text.put(5, "x", {"text": "two\nlines \\ here"})
     assert capfdbinary.readouterr().out == b"two\\nlines \\\\ here\n"
+
+
+# --- BatchThread: the batch driven by a thread, requests submitted while it decodes (the server's engine) ---
+
+class Listener:
+    """A request's callbacks, recording what the thread tells it."""
+
+    def __init__(self, cancel_after: int | None = None):
+        self.tokens, self.pieces, self.logprobs = [], [], []
+        self.result = None
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+        self.request = None
+
+    def attach(self, request):
+        self.request = request
+        request.on_token, request.on_done = self.on_token, self.on_done
+        return request
+
+    def on_token(self, token, piece, logprob):
+        self.tokens.append(token)
+        self.pieces.append(piece)
+        self.logprobs.append(logprob)
+        if self.cancel_after is not None and len(self.tokens) >= self.cancel_after:
+            self.request.cancelled = True
+
+    def on_done(self, result):
+        assert self.result is None, "on_done called twice"
+        self.result = result
+        self.done.set()
+
+
+def thread_for(model, n_parallel, max_queue=16):
+    from pyllm.batch import BatchThread
+
+    engine = BatchThread(ContinuousBatch(model, n_parallel, n_ctx=256), max_queue).start()
+    assert engine.ready.wait(120)
+    return engine
+
+
+def test_thread_streams_each_token_and_outputs_equal_alone(tiny):
+    engine = thread_for(tiny, 3)
+    try:
+        ps = prompts(tiny, 7)
+        budgets = [3 + (4 * i) % 9 for i in range(len(ps))]
+        listeners = [Listener() for _ in ps]
+        engine.submit([ls.attach(Request(p, max_tokens=n, id=i)) for i, (p, n, ls) in
+                       enumerate(zip(ps, budgets, listeners))])
+        for i, ls in enumerate(listeners):
+            assert ls.done.wait(60)
+            tokens, text, reason = alone(tiny, ps[i], budgets[i])
+            assert ls.result.tokens == ls.tokens == tokens and ls.result.text == text
+            assert text.startswith("".join(ls.pieces)) and ls.result.stats.finish_reason == reason
+        assert engine.n_busy == 0 and engine.n_queued == 0
+    finally:
+        engine.stop(10)
+    assert not engine.thread.is_alive()
+
+
+def test_cancelled_request_frees_its_slot_at_once(tiny):
+    """With one slot: a request cancelled after 3 tokens ends without a 4th, the queued one runs next; one
+    cancelled while it waits is never prefilled."""
+    engine = thread_for(tiny, 1)
+    try:
+        p = prompts(tiny, 1)[0]
+        first, waiting, after = Listener(cancel_after=3), Listener(), Listener()
+        gone = Request(p, max_tokens=5, id="gone")
+        engine.submit([first.attach(Request(p, max_tokens=200, id="first")), waiting.attach(gone),
+                       after.attach(Request(p, max_tokens=4, id="after"))])
+        gone.cancelled = True
+        assert first.done.wait(60) and after.done.wait(60) and waiting.done.wait(60)
+        assert first.result.stats.finish_reason == "cancelled" and len(first.result.tokens) == 3
+        assert waiting.result.stats.finish_reason == "cancelled" and waiting.result.stats.n_prefill == 0
+        assert after.result.tokens == alone(tiny, p, 4)[0]
+    finally:
+        engine.stop(10)
+
+
+def test_full_queue_takes_none_of_a_request(tiny):
+    from pyllm.batch import QueueFull
+
+    engine = thread_for(tiny, 1, max_queue=2)
+    try:
+        p = prompts(tiny, 1)[0]
+        hold = Listener(cancel_after=200)
+        engine.submit([hold.attach(Request(p, max_tokens=10_000))])  # keeps the slot while the queue fills
+        deadline = time.monotonic() + 30
+        while engine.n_busy == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = [Listener(), Listener()]
+        engine.submit([ls.attach(Request(p, max_tokens=2)) for ls in queued])
+        with pytest.raises(QueueFull):
+            engine.submit([Request(p, max_tokens=2)])
+        assert engine.n_queued == 2
+        queued[0].request.cancelled = True  # its client left: its place is free at once, it ends at the next step
+        assert engine.n_queued == 1
+        late = Listener()
+        engine.submit([late.attach(Request(p, max_tokens=2))])
+        assert queued[0].done.wait(60) and queued[0].result.stats.finish_reason == "cancelled"
+        assert not hold.done.is_set()  # it ended without waiting for the slot
+        assert all(ls.done.wait(60) for ls in [hold, queued[1], late])
+    finally:
+        engine.stop(10)
+
+
+def test_logprobs_of_greedy_tokens(tiny):
+    import numpy as np
+
+    engine = thread_for(tiny, 2)
+    try:
+        p = prompts(tiny, 1)[0]
+        ls = Listener()
+        engine.submit([ls.attach(Request(p, max_tokens=5, logprobs=3))])
+        assert ls.done.wait(60)
+        assert ls.result.tokens == alone(tiny, p, 5)[0] and len(ls.result.logprobs) == 5
+        assert ls.logprobs == ls.result.logprobs
+        for token, (lp, top) in zip(ls.result.tokens, ls.result.logprobs):
+            assert len(top) == 3 and top[0] == (token, lp)  # greedy: the chosen token is the most likely
+            assert [t[1] for t in top] == sorted((t[1] for t in top), reverse=True)
+            assert lp <= 0 and sum(np.exp(t[1]) for t in top) <= 1 + 1e-9
+    finally:
+        engine.stop(10)
+
+
+def test_an_error_in_a_step_ends_its_requests_and_the_thread_goes_on(tiny, monkeypatch):
+    engine = thread_for(tiny, 2)
+    try:
+        p = prompts(tiny, 1)[0]
+        decode = tiny.decode
+        calls = []
+
+        def broken_once(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return decode(*a, **k)
+
+        monkeypatch.setattr(tiny, "decode", broken_once)
+        hit = Listener()
+        engine.submit([hit.attach(Request(p, max_tokens=6))])
+        assert hit.done.wait(60)
+        assert hit.result.stats.finish_reason == "error" and "boom" in hit.result.error
+        later = Listener()
+        engine.submit([later.attach(Request(p, max_tokens=4))])
+        assert later.done.wait(60) and later.result.tokens == alone(tiny, p, 4)[0]
+    finally:
+        engine.stop(10)

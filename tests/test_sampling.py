@@ -84,3 +84,10 @@ def test_penalty_overflowing_to_infinity_is_a_clear_error():
     s.accept(1)
     with pytest.raises(SamplingError, match="infinity"):
         s(np.array([0.5, 2.0, 1.0], dtype=np.float32))
+
+
+def test_a_temperature_near_zero_is_greedy_not_nan():
+    """Found by the server's fuzz: temperature 5e-324 made logits / T overflow, and the draw failed on NaN."""
+    logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
+    for t in (5e-324, 1e-300, 1e-30):
+        assert Sampler(temperature=t, seed=0)(logits) == 1

@@ -11,13 +11,13 @@ from ..errors import PyllmError
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in pyllm, not a problem with the input (README, "Exit status")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run GGUF language models locally: run, chat, batch, bench, perplexity, info, pull.")
+                  help="Run GGUF language models locally: run, chat, batch, serve, bench, perplexity, info, pull.")
 
 
 def _register():
     from . import bench, info, run  # noqa: F401  (each module adds its commands to `app`)
 
-    for optional in ("chat", "batch", "cache"):
+    for optional in ("chat", "batch", "cache", "serve"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as e:
