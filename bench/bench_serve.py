@@ -1,7 +1,10 @@
 """pyllm serve against the engine it wraps: aggregate speed of N concurrent streaming clients and the time to
 first token of a lone short request, beside the same work done in-process (ContinuousBatch, generate).
 
-    python bench/bench_serve.py smollm2-135m --clients 8 -n 64 -r 3 -t 2
+    python bench/bench_serve.py smollm2-135m --clients 8 -n 64 -r 3 -t 2 [--llama-server PATH]
+
+--llama-server adds llama.cpp's server (a binary you built, e.g. target llama-server of the llama-cpp-python
+sdist's vendor/llama.cpp) on the same file, with -np = clients, to each round: the same streaming clients.
 
 The server runs as a real process on a free 127.0.0.1 port with --parallel = clients; the clients stream over
 httpx (raw /v1/completions, greedy, the prompts of bench_batch.py).  Each round alternates server and
@@ -53,6 +56,29 @@ def start_server(model: str, parallel: int, threads: int | None):
     raise SystemExit(f"the server did not start: {open(log.name).read()}")
 
 
+def start_llama_server(binary: str, path: str, parallel: int, threads: int | None):
+    """llama.cpp's server on a free 127.0.0.1 port, the same context per slot as ours (512)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [binary, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+            "-c", str(512 * parallel)] + (["-t", str(threads), "-tb", str(threads)] if threads else [])
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("llama-server did not start")
+
+
 def stream_one(url: str, prompt: str, max_tokens: int, out: dict) -> None:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -69,6 +95,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, out: dict) -> None:
                 if choice["text"] and "ttft" not in out:
                     out["ttft"] = time.perf_counter() - t0
                 text.append(choice["text"])
+                out["chunks"] = out.get("chunks", 0) + bool(choice["text"])
     out["text"] = "".join(text)
 
 
@@ -81,7 +108,8 @@ def server_wave(url: str, prompts: list[str], max_tokens: int):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return sum(o["tokens"] for o in outs) / wall, [o["text"] for o in outs], statistics.median(o["ttft"] for o in outs)
+    tokens = sum(o.get("tokens", o.get("chunks", 0)) for o in outs)  # usage, else one chunk a token
+    return tokens / wall, [o["text"] for o in outs], statistics.median(o["ttft"] for o in outs)
 
 
 def batch_wave(model, prompts: list[str], max_tokens: int):
@@ -119,6 +147,7 @@ def main() -> int:
     ap.add_argument("-n", "--max-tokens", type=int, default=64)
     ap.add_argument("-r", "--repeats", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--llama-server", default=None, help="path of a llama-server binary to compare with")
     args = ap.parse_args()
 
     import pyllm
@@ -129,13 +158,22 @@ def main() -> int:
     model = pyllm.load(resolve(args.model))
     prompts = prompt_texts(args.clients)
     proc, url = start_server(args.model, args.clients, args.threads)
+    llama = (start_llama_server(args.llama_server, str(resolve(args.model)), args.clients, args.threads)
+             if args.llama_server else None)
     try:
         batch_wave(model, prompts[:2], 4)  # kernels loaded, caches warm on both sides
         server_wave(url, prompts[:2], 4)
-        served, inproc, ttft_s, ttft_i, ttft_wave = [], [], [], [], []
+        if llama:
+            server_wave(llama[1], prompts[:2], 4)
+        served, inproc, ttft_s, ttft_i, ttft_wave, theirs = [], [], [], [], [], []
         for rep in range(args.repeats):
             tps_s, texts_s, wave_ttft = server_wave(url, prompts, args.max_tokens)
             tps_i, texts_i = batch_wave(model, prompts, args.max_tokens)
+            if llama:
+                tps_l, _, ttft_l = server_wave(llama[1], prompts, args.max_tokens)
+                theirs.append(tps_l)
+                print(f"  round {rep + 1}: llama-server -np {args.clients}: {tps_l:.1f} tok/s, median time to first "
+                      f"token in the wave {ttft_l * 1e3:.0f} ms", file=sys.stderr)
             served.append(tps_s)
             inproc.append(tps_i)
             ttft_wave.append(wave_ttft)
@@ -152,9 +190,16 @@ def main() -> int:
               f"| {s / i:.2f}x | lone short request: time to first token {ts * 1e3:.1f} ms (server, HTTP) vs "
               f"{ti * 1e3:.1f} ms (in-process), +{(ts - ti) * 1e3:.1f} ms | wave median TTFT "
               f"{statistics.median(ttft_wave) * 1e3:.0f} ms |")
+        if theirs:
+            t = statistics.median(theirs)
+            print(f"| {args.model} | {args.clients} streaming clients | pyllm serve {s:.1f} tok/s | llama-server "
+                  f"{t:.1f} tok/s | {s / t:.2f}x |")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        if llama:
+            llama[0].terminate()
+            llama[0].wait(60)
     return 0
 
 
