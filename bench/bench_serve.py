@@ -39,21 +39,12 @@ def start_server(model: str, parallel: int, threads: int | None):
     args = [sys.executable, "-m", "pyllm", "serve", model, "--port", "0", "--parallel", str(parallel),
             "--ctx-size", "512"] + (["-t", str(threads)] if threads else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    url = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if url is None:
-            m = re.search(r"on (http://127\.0\.0\.1:\d+)", open(log.name, errors="replace").read())
-            url = m and m.group(1)
-        else:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the server did not start: {open(log.name).read()}")
+
+    def url():  # the port it took, once it has said so
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)", open(log.name, errors="replace").read())
+        return m and m.group(1)
+
+    return wait_healthy(proc, url, 600, lambda: f"the server did not start: {open(log.name).read()}")
 
 
 def start_llama_server(binary: str, path: str, parallel: int, threads: int | None):
@@ -66,17 +57,24 @@ def start_llama_server(binary: str, path: str, parallel: int, threads: int | Non
     args = [binary, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
             "-c", str(512 * parallel)] + (["-t", str(threads), "-tb", str(threads)] if threads else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    return wait_healthy(proc, lambda: f"http://127.0.0.1:{port}", 300, lambda: "llama-server did not start")
+
+
+def wait_healthy(proc, url, seconds: float, failure):
+    """(proc, its url) once GET url()/health answers 200; url() is None until the address is known.  A server
+    that exits or takes longer than `seconds` is killed and ends the benchmark with failure()."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
+        address = url()
+        if address:
+            try:
+                if httpx.get(address + "/health", timeout=5).status_code == 200:
+                    return proc, address
+            except httpx.TransportError:
+                pass
         time.sleep(0.1)
     proc.kill()
-    raise SystemExit("llama-server did not start")
+    raise SystemExit(failure())
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, out: dict) -> None:
