@@ -171,12 +171,32 @@ def _times(builder, v, scale):
                                  [0] * v.type.count))
 
 
+def _unit_bytes(kind):
+    """Bytes of one unit of a quantized type: a pair of legacy 32-value blocks, or a K-quant super-block."""
+    return 2 * _BLOCK32[kind][0] if kind in _BLOCK32 else _KQUANT_BYTES[kind]
+
+
 class _Row:
     """Reads one weight row (a uint8 array) in IR at byte offsets: o, an IR i64, plus a constant."""
 
     def __init__(self, context, builder, aryty, ary):
         self.builder = builder
-        self.data = context.make_array(aryty)(context, builder, ary).data
+        ary = context.make_array(aryty)(context, builder, ary)
+        self.data, self.n_bytes = ary.data, cgutils.unpack_tuple(builder, ary.shape)[0]
+
+    def each_unit(self, kind, body):
+        """body(u, o, tail) for unit u of the row at byte o; a legacy row with an odd block count ends on a
+        half pair (tail: only its first block exists)."""
+        b, size = self.builder, _unit_bytes(kind)
+        legacy = kind in _BLOCK32
+        n_blocks = b.udiv(self.n_bytes, ir.Constant(_i64, size // 2 if legacy else size))
+        n_units = b.udiv(n_blocks, ir.Constant(_i64, 2)) if legacy else n_blocks
+        with cgutils.for_range(b, n_units) as loop:
+            body(loop.index, b.mul(loop.index, ir.Constant(_i64, size)), False)
+        if legacy:
+            with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, ir.Constant(_i64, 2)), ir.Constant(_i64, 0)),
+                           likely=False):
+                body(n_units, b.mul(n_units, ir.Constant(_i64, size)), True)
 
     def at(self, o, k):
         return self.builder.add(o, ir.Constant(_i64, k)) if k else o
@@ -189,7 +209,8 @@ class _Row:
 
 
 def _unit_block32(r, o, qtype, tail, signed=False):
-    """Two legacy blocks at byte o (tail: only the first exists; the second reads as zeros); Q8_0's bytes
+    """Two legacy blocks at byte o (tail: only the first exists; the second reads as zeros) -> (q <64 x i8>,
+    the weight scale of every 4 values <16 x float>, the two blocks' mins <2 x float> or None); Q8_0's bytes
     as they are with `signed` (_signed_weights), else flipped to unsigned."""
     b = r.builder
     bs, qh_off, qs_off, m_off, _ = _BLOCK32[qtype]  # the offset is in the activations' sums (_OFFSETS)
@@ -216,19 +237,17 @@ def _unit_block32(r, o, qtype, tail, signed=False):
                             words[1], ir.Constant(_i32, 1))
     dm = b.fpext(b.bitcast(both, _vec(ir.HalfType(), 2 * k)), _vec(_f32t, 2 * k))
     dvec = _pick(b, dm, [0] * 8 + [k] * 8)
-    return [(q, dvec)], (_pick(b, dm, [1, 3]) if m_off >= 0 else None)
+    return q, dvec, (_pick(b, dm, [1, 3]) if m_off >= 0 else None)
 
 
 class _KUnit:
-    """What a K-quant super-block gives _row_dots: pair(p) emits, for the values 64p..64p+63, the unsigned
-    bytes q and the integer scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots), where they are
-    used (LLVM schedules them anyway: a group of 8 rows spills ~2 AVX2 registers per vpmaddubsw, and still
-    beats groups of 4 or 2, measured); the integer scale of each 16 values (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types
-    with mins), and the float factors d (of the scales) and dmin (of the mins): value = d * scale * (q -
-    offset) - dmin * min."""
+    """What a K-quant super-block gives _row_dots: pairs, for each 64 values, the unsigned bytes q and the
+    integer scale of every 4 of them (<16 x i16>, the lanes of _scaled_dots); the integer scale of each 16
+    values (<16 x i16>, for the offset of _OFFSETS types) or the integer min of each 16 (types with mins), and
+    the float factors d (of the scales) and dmin (of the mins): value = d * scale * (q - offset) - dmin * min."""
 
-    def __init__(self, pair, d, group_scales=None, mins=None, dmin=None):
-        self.pair, self.d, self.group_scales, self.mins, self.dmin = pair, d, group_scales, mins, dmin
+    def __init__(self, pairs, d, group_scales=None, mins=None, dmin=None):
+        self.pairs, self.d, self.group_scales, self.mins, self.dmin = pairs, d, group_scales, mins, dmin
 
 
 def _widen16(builder, v, signed=False):
@@ -250,16 +269,16 @@ def _unit_q4_k(r, o, qtype):
     sc = _widen16(b, _cat(b, _bits(b, lo4, 0, 63), b.or_(_bits(b, hi4, 0, 15), _shl(b, _bits(b, lo4, 6, 3), 4))))
     mn = _widen16(b, _cat(b, _bits(b, mid4, 0, 63), b.or_(_bits(b, hi4, 4, 15), _shl(b, _bits(b, mid4, 6, 3), 4))))
     qs_off = 48 if qtype == Q5_K else 16
-    def pair(p):
+    qh = r.bytes(o, 16, 32) if qtype == Q5_K else None
+    pairs = []
+    for p in range(4):
         v = r.bytes(o, qs_off + 32 * p, 32)
         lo, hi = _bits(b, v, 0, 15), _bits(b, v, 4, 15)
-        if qtype == Q5_K:
-            qh = r.bytes(o, 16, 32)
+        if qh is not None:
             lo = b.or_(lo, _shl(b, _bits(b, qh, 2 * p, 1), 4))
             hi = b.or_(hi, _shl(b, _bits(b, qh, 2 * p + 1, 1), 4))
-        return _cat(b, lo, hi), _pick(b, sc, [2 * p] * 8 + [2 * p + 1] * 8)
-
-    return _KUnit(pair, r.f16(o, 0), mins=_pick(b, mn, [j // 2 for j in range(16)]), dmin=r.f16(o, 2))
+        pairs.append((_cat(b, lo, hi), _pick(b, sc, [2 * p] * 8 + [2 * p + 1] * 8)))
+    return _KUnit(pairs, r.f16(o, 0), mins=_pick(b, mn, [j // 2 for j in range(16)]), dmin=r.f16(o, 2))
 
 
 def _unit_q6_k(r, o, qtype):
@@ -267,13 +286,13 @@ def _unit_q6_k(r, o, qtype):
     8-bit scale per 16 values (at 192), fp16 d at 208."""
     b = r.builder
     scales = _widen16(b, r.bytes(o, 192, 16), signed=True)
-    def pair(p):
-        n, jj = p // 2, p % 2
+    pairs = []
+    for n in range(2):
         ql, qh = r.bytes(o, 64 * n, 64), r.bytes(o, 128 + 32 * n, 32)
-        hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
-        return b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4)), _lane_scales(b, scales, 8 * n + 4 * jj)
-
-    return _KUnit(pair, r.f16(o, 208), group_scales=scales)
+        for jj in range(2):
+            hi = _cat(b, _bits(b, qh, 4 * jj, 3), _bits(b, qh, 4 * jj + 2, 3))
+            pairs.append((b.or_(_bits(b, ql, 4 * jj, 15), _shl(b, hi, 4)), _lane_scales(b, scales, 8 * n + 4 * jj)))
+    return _KUnit(pairs, r.f16(o, 208), group_scales=scales)
 
 
 def _unit_q3_k(r, o, qtype):
@@ -285,14 +304,15 @@ def _unit_q3_k(r, o, qtype):
     sc = b.or_(_cat(b, _bits(b, lo8, 0, 15), _bits(b, lo8, 4, 15)),
                _shl(b, _bits(b, _pick(b, s, [8, 9, 10, 11] * 4), [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4, 3), 4))
     scales = _widen16(b, b.sub(sc, ir.Constant(_vec(_i8, 16), [32] * 16)), signed=True)
-    def pair(p):
+    hm = r.bytes(o, 0, 32)
+    pairs = []
+    for p in range(4):
         n, j = p // 2, 2 * (p % 2)
-        qs, hm = r.bytes(o, 32 + 32 * n, 32), r.bytes(o, 0, 32)
+        qs = r.bytes(o, 32 + 32 * n, 32)
         lo = _cat(b, _bits(b, qs, 2 * j, 3), _bits(b, qs, 2 * j + 2, 3))
         hb = _cat(b, _bits(b, hm, 4 * n + j, 1), _bits(b, hm, 4 * n + j + 1, 1))
-        return b.or_(lo, _shl(b, hb, 2)), _lane_scales(b, scales, 4 * p)
-
-    return _KUnit(pair, r.f16(o, 108), group_scales=scales)
+        pairs.append((b.or_(lo, _shl(b, hb, 2)), _lane_scales(b, scales, 4 * p)))
+    return _KUnit(pairs, r.f16(o, 108), group_scales=scales)
 
 
 def _unit_q2_k(r, o, qtype):
@@ -301,12 +321,12 @@ def _unit_q2_k(r, o, qtype):
     b = r.builder
     s = r.bytes(o, 0, 16)
     scales, mins = _widen16(b, _bits(b, s, 0, 15)), _widen16(b, _bits(b, s, 4, 15))
-    def pair(p):
+    pairs = []
+    for p in range(4):
         qs = r.bytes(o, 16 + 32 * (p // 2), 32)
         q = _cat(b, _bits(b, qs, 2 * ((2 * p) % 4), 3), _bits(b, qs, 2 * ((2 * p + 1) % 4), 3))
-        return q, _lane_scales(b, scales, 4 * p)
-
-    return _KUnit(pair, r.f16(o, 80), mins=mins, dmin=r.f16(o, 82))
+        pairs.append((q, _lane_scales(b, scales, 4 * p)))
+    return _KUnit(pairs, r.f16(o, 80), mins=mins, dmin=r.f16(o, 82))
 
 
 _KQUANT_UNITS = {Q2_K: _unit_q2_k, Q3_K: _unit_q3_k, Q4_K: _unit_q4_k, Q5_K: _unit_q4_k, Q6_K: _unit_q6_k}
@@ -330,6 +350,11 @@ def _offset(kind, isa):
     return 0 if _signed_weights(kind, isa) else _OFFSETS.get(kind, 0)
 
 
+def _half(builder, v, h, n=32):
+    """Half h (0 or 1) of a vector of 2n lanes: what one 256-bit instruction takes."""
+    return _pick(builder, v, list(range(n * h, n * h + n)))
+
+
 def _x86(builder, name, ret, *args):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
     return builder.call(fn, list(args))
@@ -345,8 +370,7 @@ def _pair_dots(builder, q, xv, isa, start, signed=False):
     if isa in ("avxvnni", "avx2"):  # two 256-bit halves
         halves = []
         for h in range(2):
-            qh, xh = (_pick(b, v, list(range(32 * h, 32 * h + 32))) for v in (q, xv))
-            sh = _pick(b, start, list(range(8 * h, 8 * h + 8)))
+            qh, xh, sh = _half(b, q, h), _half(b, xv, h), _half(b, start, h, 8)
             if isa == "avxvnni":
                 halves.append(_x86(b, "llvm.x86.avx512.vpdpbusd.256", v8i, sh, b.bitcast(qh, v8i), b.bitcast(xh, v8i)))
                 continue
@@ -378,8 +402,7 @@ def _scaled_dots(builder, q, xv, lane_scales, isa):
     # every x86 path has AVX2: vpmaddubsw (u8 x s8 pairs -> i16), vpmaddwd (i16 pairs x scales -> i32)
     halves = []
     for h in range(2):
-        qh, xh = (_pick(b, v, list(range(32 * h, 32 * h + 32))) for v in (q, xv))
-        pairs = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", v16s, qh, xh)
+        pairs = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", v16s, _half(b, q, h), _half(b, xv, h))
         halves.append(_x86(b, "llvm.x86.avx2.pmadd.wd", v8i, pairs, _pick(b, lane_scales, [8 * h + k // 2 for k in range(16)])))
     return b.add(halves[0], halves[1])
 
@@ -415,7 +438,8 @@ def _row_sums(builder, vecs):
 
 
 # The integer-dot paths, best first.  The CPU numba compiles for (and keys its cache on, not necessarily this
-# machine: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) picks one; only _pair_dots and _lane_values differ between them.
+# machine: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) picks one; only _pair_dots, _scaled_dots, _scaled_sums and
+# _lane_values differ between them.
 ISAS = ("avx512vnni", "avxvnni", "avx2", "portable")
 _FORCE_ISA = None  # tests set a later one of ISAS to compile that path on this CPU
 
@@ -474,7 +498,6 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
         _, w, xq, xdv, xs, xm, res = args
         kind = sig.args[0].literal_value
         legacy, has_mins = kind in _BLOCK32, kind not in _OFFSETS
-        unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
         isa = _isa(context)
         offset, signed = _offset(kind, isa), _signed_weights(kind, isa)
         b = builder
@@ -483,9 +506,6 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
         fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
         fma8 = cgutils.get_or_insert_function(b.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
         row = _Row(context, b, sig.args[1], w)
-        row_bytes = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, w).shape)[0]
-        n_blocks = b.udiv(row_bytes, c64(unit_bytes // 2 if legacy else unit_bytes))
-        n_units = b.udiv(n_blocks, c64(2)) if legacy else n_blocks
         xq_ary = context.make_array(sig.args[2])(context, b, xq)
         T = cgutils.unpack_tuple(b, xq_ary.shape)[1]  # the activations' row stride
         n_rows = cgutils.unpack_tuple(b, context.make_array(sig.args[6])(context, b, res).shape)[0]
@@ -502,14 +522,13 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
                                                   "llvm.prefetch.p0i8")
 
         def prefetch_unit(o):
-            for k in range(0, unit_bytes, 64):  # (read, keep in all caches, data); past the end is harmless
+            for k in range(0, _unit_bytes(kind), 64):  # (read, keep in all caches, data); past the end is harmless
                 b.call(prefetch, [b.gep(row.data, [b.add(o, c64(_PREFETCH_BYTES + k))]), ir.Constant(_i32, 0),
                                   ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
 
-        def unit(u, rows, acc, macc, tail=False):
-            o = b.mul(u, c64(unit_bytes))
+        def unit(u, o, tail, rows, acc, macc):
             prefetch_unit(o)
-            pairs, mins = _unit_block32(row, o, kind, tail, signed)
+            q, dv, mins = _unit_block32(row, o, kind, tail, signed)  # pair u of the activations
             if has_mins:  # each min times the activation sum of its 32 values, in the G rows at once
                 vgf = _vec(_f32t, len(rows))
                 fma_g = cgutils.get_or_insert_function(b.module, ir.FunctionType(vgf, [vgf] * 3),
@@ -519,24 +538,20 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
                     i = b.add(b.mul(u, c64(mins.type.count)), c64(j))  # row i of xm: these values
                     xmv = b.load(vec_at(xm_data, b.add(b.mul(i, T), rows[0]), m.type), align=4)
                     b.store(b.call(fma_g, [m, xmv, b.load(macc[j % 2])]), macc[j % 2])
-            for i, (q, dv) in enumerate(pairs):
-                p = b.add(b.mul(u, c64(unit_values // 64)), c64(i))  # these 64 values: pair p of the activations
-                for g, tg in enumerate(rows):
-                    k = b.add(b.mul(p, T), tg)  # [pair, row] of xq, xdv and xs
-                    xv = _load_ptr(b, xq_ary.data, b.mul(k, c64(64)), 64)
-                    sv = b.load(vec_at(xdv_ary.data, b.mul(k, c64(16)), v16f), align=4)
-                    start = (b.load(vec_at(xs_data, b.mul(k, c64(16)), v16i), align=4) if offset
-                             else ir.Constant(v16i, None))
-                    dots = b.sitofp(_pair_dots(b, q, xv, isa, start, signed), v16f)
-                    b.store(b.call(fma, [dots, b.fmul(dv, sv), b.load(acc[g])]), acc[g])
+            for g, tg in enumerate(rows):
+                k = b.add(b.mul(u, T), tg)  # [pair, row] of xq, xdv and xs
+                xv = _load_ptr(b, xq_ary.data, b.mul(k, c64(64)), 64)
+                sv = b.load(vec_at(xdv_ary.data, b.mul(k, c64(16)), v16f), align=4)
+                start = (b.load(vec_at(xs_data, b.mul(k, c64(16)), v16i), align=4) if offset
+                         else ir.Constant(v16i, None))
+                dots = b.sitofp(_pair_dots(b, q, xv, isa, start, signed), v16f)
+                b.store(b.call(fma, [dots, b.fmul(dv, sv), b.load(acc[g])]), acc[g])
 
-        def kunit(u, rows, acc, macc, tail=False):
-            o = b.mul(u, c64(unit_bytes))
+        def kunit(u, o, tail, rows, acc, macc):
             prefetch_unit(o)
             ku = _KQUANT_UNITS[kind](row, o, kind)
             isums = [ir.Constant(v8i, None)] * len(rows)
-            for i in range(4):
-                q, lane_scales = ku.pair(i)
+            for i, (q, lane_scales) in enumerate(ku.pairs):
                 p = b.add(b.mul(u, c64(4)), c64(i))  # these 64 values: pair p of the activations
                 for g, tg in enumerate(rows):
                     xv = _load_ptr(b, xq_ary.data, b.mul(b.add(b.mul(p, T), tg), c64(64)), 64)
@@ -563,11 +578,8 @@ def _row_dots(typingctx, qtype, w, xq, xdv, xs, xm, res):
                 acc = [cgutils.alloca_once_value(b, ir.Constant(v16f if legacy else v8f, None)) for _ in rows]
                 macc = [cgutils.alloca_once_value(b, ir.Constant(_vec(_f32t, G) if legacy else v8f, None))
                         for _ in (range(2) if legacy else rows)]
-                with cgutils.for_range(b, n_units) as loop:
-                    (unit if legacy else kunit)(loop.index, rows, acc, macc)
-                if legacy:  # an odd block count ends on a half pair
-                    with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
-                        unit(n_units, rows, acc, macc, tail=True)
+                row.each_unit(kind, lambda u, o, tail: (unit if legacy else kunit)(u, o, tail, rows, acc, macc))
+                if legacy:
                     sums = _row_sums(b, [b.load(a) for a in acc])  # <G x float>
                     if has_mins:
                         sums = b.fadd(sums, b.fadd(b.load(macc[0]), b.load(macc[1])))
@@ -741,15 +753,10 @@ def _dequant_units(typingctx, qtype, w, y):
         kind = sig.args[0].literal_value
         if kind not in _BLOCK32 and kind not in _KQUANT_BYTES:
             return context.get_dummy_value()
-        legacy = kind in _BLOCK32
-        unit_bytes, unit_values = (2 * _BLOCK32[kind][0], 64) if legacy else (_KQUANT_BYTES[kind], 256)
         c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
         row = _Row(context, b, sig.args[1], args[1])
-        row_bytes = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape)[0]
         y_data = context.make_array(sig.args[2])(context, b, args[2]).data
         v64f = _vec(_f32t, 64)
-        n_blocks = b.udiv(row_bytes, c64(unit_bytes // 2 if legacy else unit_bytes))
-        n_units = b.udiv(n_blocks, c64(2)) if legacy else n_blocks
 
         def lanes(v, index):
             return _pick(b, v, [index(k) for k in range(64)])
@@ -758,11 +765,9 @@ def _dequant_units(typingctx, qtype, w, y):
             vals = _pick(b, vals, list(range(n))) if n < 64 else vals
             b.store(vals, b.bitcast(b.gep(y_data, [at]), vals.type.as_pointer()), align=4)
 
-        def unit(u, tail=False):
-            o = b.mul(u, c64(unit_bytes))
-            if legacy:  # Q8_0's bytes as they are: value = d * w
-                pairs, mins = _unit_block32(row, o, kind, tail, signed=True)
-                (q, dv), = pairs
+        def unit(u, o, tail):
+            if kind in _BLOCK32:  # Q8_0's bytes as they are: value = d * w
+                q, dv, mins = _unit_block32(row, o, kind, tail, signed=True)
                 qf = b.sitofp(q, v64f) if kind == Q8_0 else b.uitofp(q, v64f)
                 if _OFFSETS.get(kind) and kind != Q8_0:
                     qf = b.fsub(qf, ir.Constant(v64f, [float(_OFFSETS[kind])] * 64))
@@ -772,8 +777,7 @@ def _dequant_units(typingctx, qtype, w, y):
                 store(vals, b.mul(u, c64(64)), 32 if tail else 64)
                 return
             ku = _KQUANT_UNITS[kind](row, o, kind)
-            for i in range(4):
-                q, lane_scales = ku.pair(i)
+            for i, (q, lane_scales) in enumerate(ku.pairs):
                 dl = _times(b, b.sitofp(lanes(lane_scales, lambda k: k // 4), v64f), ku.d)
                 qf = b.uitofp(q, v64f)
                 if kind in _OFFSETS:
@@ -783,11 +787,7 @@ def _dequant_units(typingctx, qtype, w, y):
                     vals = b.fsub(vals, _times(b, b.sitofp(lanes(ku.mins, lambda k: (64 * i + k) // 16), v64f), ku.dmin))
                 store(vals, b.add(b.mul(u, c64(256)), c64(64 * i)))
 
-        with cgutils.for_range(b, n_units) as loop:
-            unit(loop.index)
-        if legacy:  # an odd block count ends on a half pair
-            with b.if_then(b.icmp_unsigned("!=", b.urem(n_blocks, c64(2)), c64(0)), likely=False):
-                unit(n_units, tail=True)
+        row.each_unit(kind, unit)
         return context.get_dummy_value()
 
     return types.none(qtype, w, y), codegen
