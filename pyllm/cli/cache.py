@@ -11,7 +11,7 @@ import typer
 
 from . import app
 from .common import err, parse_size, warn  # noqa: F401  (warn: chat imports it from here)
-from .info import _fmt_bytes
+from ..kv_cache import fmt_bytes
 
 NoPromptCache = Annotated[bool, typer.Option("--no-prompt-cache", help="neither reuse nor store prompt KV state")]
 PromptCacheDir = Annotated[Optional[Path], typer.Option(
@@ -57,9 +57,9 @@ def ls(directory: PromptCacheDir = None):
             tokens, about = str(info["n_tokens"]), f"{info.get('model', '?')}  {info.get('preview', '')}"
         else:
             tokens, about = "?", f"unusable: {info}"
-        line = f"{path.stem[-12:]:12}  {tokens:>7}  {_fmt_bytes(size):>9}  {when:16}  {about}"
+        line = f"{path.stem[-12:]:12}  {tokens:>7}  {fmt_bytes(size):>9}  {when:16}  {about}"
         print(line if width is None or len(line) <= width else line[:width - 1] + "…")
-    err.print(f"{len(rows)} entries, {_fmt_bytes(sum(r[1] for r in rows))} in {pc.dir}", markup=False)
+    err.print(f"{len(rows)} entries, {fmt_bytes(sum(r[1] for r in rows))} in {pc.dir}", markup=False)
 
 
 @cache_app.command("clear")
@@ -69,4 +69,4 @@ def clear(directory: PromptCacheDir = None):
 
     pc = PromptCache(directory)
     count, freed = pc.clear() if pc.dir.is_dir() else (0, 0)
-    err.print(f"removed {count} entries ({_fmt_bytes(freed)}) from {pc.dir}", markup=False)
+    err.print(f"removed {count} entries ({fmt_bytes(freed)}) from {pc.dir}", markup=False)

@@ -8,15 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..kv_cache import fmt_bytes
 from . import app
 from .common import ModelArg, Verbose, pull_progress
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
 
 
 @app.command()
@@ -36,7 +30,7 @@ def info(model: ModelArg = None,
     g = GGUFFile(path)
     out = Console(highlight=False)
     arch = g.architecture
-    out.print(f"[bold]{path}[/bold]  ({_fmt_bytes(g.file_size)}, GGUF v{g.version})")
+    out.print(f"[bold]{path}[/bold]  ({fmt_bytes(g.file_size)}, GGUF v{g.version})")
     meta = Table(show_header=False, box=None, pad_edge=False)
     for key, value in g.metadata.items():
         if hasattr(value, "__len__") and not isinstance(value, str) and len(value) > 8:
@@ -58,7 +52,7 @@ def info(model: ModelArg = None,
     types = Table("type", "tensors", "bytes", title=f"{len(g.tensors)} tensors, {n_params / 1e6:.1f} M parameters "
                   f"({arch})")
     for name, c in counts.most_common():
-        types.add_row(name, str(c), _fmt_bytes(sizes[name]))
+        types.add_row(name, str(c), fmt_bytes(sizes[name]))
     out.print(types)
 
 
