@@ -94,8 +94,7 @@ class _Sequence:
         try:
             token = request.sampler(logits)
         except SamplingError as e:
-            self.result.error = str(e)
-            return self._end("error")
+            return self.fail(str(e))
         request.sampler.accept(token)
         if self.model.tokenizer.is_eog(token):
             return self._end("stop")
@@ -123,12 +122,21 @@ class _Sequence:
         self.result.text = "".join(self.pieces) + self.text.finish()
         return True
 
+    def fail(self, message: str) -> bool:
+        self.result.error = message
+        return self._end("error")
+
     def over(self) -> Result:
-        """The finished sequence's Result, after telling its request's on_done (once: it is cleared)."""
-        done, self.request.on_done = self.request.on_done, None
-        if done is not None:
-            done(self.result)
-        return self.result
+        """The finished sequence's Result, after telling its request's on_done."""
+        return _tell_done(self.request, self.result)
+
+
+def _tell_done(request: Request, result: Result) -> Result:
+    """Call the request's on_done with its result, once: it is cleared."""
+    done, request.on_done = request.on_done, None
+    if done is not None:
+        done(result)
+    return result
 
 
 class ContinuousBatch:
@@ -181,7 +189,7 @@ class ContinuousBatch:
                 todo.append((slot, plan_prefill(self.model, self.cache, request.prompt, request.sampler, slot,
                                                 seq.result.stats)))
             except PyllmError as e:  # an empty or over-long prompt: that request fails, the others go on
-                seq.result.error, seq.result.stats.finish_reason = str(e), "error"
+                seq.fail(str(e))
                 over.append(seq.over())
                 continue
             free.remove(slot)
@@ -195,7 +203,7 @@ class ContinuousBatch:
             for seq in joining:
                 self.cache.trim(0, seq.slot)
                 self.n_prompt[seq.slot] = 0
-                seq.result.error, seq.result.stats.finish_reason = str(e), "error"
+                seq.fail(str(e))
             return over + [seq.over() for seq in joining]
         spent = time.perf_counter() - t0
         n_prefill = sum(len(tokens) for _, tokens in todo)
@@ -216,6 +224,13 @@ class ContinuousBatch:
             over.append(seq.over())
         return over
 
+    def clear(self) -> None:
+        """Forget every running sequence and what every slot holds (their requests are the caller's to end)."""
+        self.running.clear()
+        for slot in range(self.cache.n_slots):
+            self.cache.trim(0, slot)
+        self.n_prompt = [0] * self.cache.n_slots
+
     def step(self) -> list[Result]:
         """One forward pass over every running sequence's last token; returns the sequences that ended (those
         cancelled since the last step end before it, without a token more)."""
@@ -234,7 +249,7 @@ class ContinuousBatch:
             logits = e.logits
             for i in e.rows:
                 seq = self.running.pop(slots[i])
-                seq.result.error, seq.result.stats.finish_reason = str(e), "error"
+                seq.fail(str(e))
                 done.append(seq.over())
         for i, s in enumerate(slots):
             if s in self.running and self.running[s].take(logits[i]):
@@ -310,7 +325,7 @@ class BatchThread:
     def submit(self, requests: list[Request]) -> None:
         """Queue requests, all or none: QueueFull when they do not all fit."""
         with self._wake:
-            waiting = sum(not r.cancelled for r in self._waiting)
+            waiting = self.n_queued
             if waiting + len(requests) > self.max_queue:
                 raise QueueFull(f"{waiting} requests are waiting already (the queue holds {self.max_queue})")
             self._waiting.extend(requests)
@@ -338,10 +353,7 @@ class BatchThread:
         batch = self.batch
         batch.add([Request([0] * min(64, batch.cache.n_ctx - 1), max_tokens=2)])
         batch.step()
-        batch.running.clear()
-        for slot in range(batch.cache.n_slots):
-            batch.cache.trim(0, slot)
-        batch.n_prompt = [0] * batch.cache.n_slots
+        batch.clear()
         batch.n_prefill = batch.n_decoded = 0
         batch.prefill_s = batch.decode_s = 0.0
 
@@ -378,16 +390,11 @@ class BatchThread:
                 requests += self._waiting
                 self._waiting = deque()
         self._joining = []
-        self.batch.running.clear()
-        for slot in range(self.batch.cache.n_slots):  # a step cut short may have left any slot half-written
-            self.batch.cache.trim(0, slot)
-        self.batch.n_prompt = [0] * self.batch.cache.n_slots
+        self.batch.clear()  # a step cut short may have left any slot half-written
         for request in requests:
-            done, request.on_done = request.on_done, None
-            if done is not None:
-                result = Result(request.id, error=message)
-                result.stats.finish_reason = reason
-                done(result)
+            result = Result(request.id, error=message)
+            result.stats.finish_reason = reason
+            _tell_done(request, result)
 
 
 def default_parallel(model, n_ctx: int, kv_type: str = "f16") -> int:
